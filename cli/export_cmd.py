@@ -1,0 +1,85 @@
+"""``lazykv export``: build a model with random weights and write a ``.pte``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from lazykv.cli._quiet import fmt_bytes, quiet_third_party
+
+
+@click.command()
+@click.option("--model", type=click.Choice(["llama", "example"]), default="llama", show_default=True,
+              help="'llama': ExecuTorch's own Llama (executorch.examples.models.llama); "
+                   "'example': lazykv's bundled small decoder (examples/decoder.py).")
+@click.option("--preset", type=click.Choice(["tiny", "stories110m"]), default=None,
+              help="Llama size: tiny (4 layers, dim 256, 8 heads, 4 KV heads, vocab 1024) or "
+                   "stories110m (12 layers, dim 768, 12 heads, vocab 32000). Default: tiny.")
+@click.option("--n-layers", type=click.IntRange(min=1), help="Llama: override the layer count.")
+@click.option("--dim", type=click.IntRange(min=1), help="Llama: override the model width.")
+@click.option("--n-heads", type=click.IntRange(min=1), help="Llama: override the attention heads.")
+@click.option("--n-kv-heads", type=click.IntRange(min=1), help="Llama: override the KV heads.")
+@click.option("--vocab-size", type=click.IntRange(min=2), help="Llama: override the vocabulary.")
+@click.option("--max-context", type=click.IntRange(min=2), required=True,
+              help="Positions the KV cache can hold (its exported upper bound).")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
+              help="Longest prompt chunk one call accepts (default: 128 for llama, 64 for example).")
+@click.option("--lazy-kv-cache", is_flag=True,
+              help="Mark the KV cache DYNAMIC_UNBOUND and leave it out of memory planning, "
+                   "after proving nothing reads past the filled prefix. Run the result with "
+                   "lazykv's runtime shim (`lazykv generate`).")
+@click.option("--xnnpack/--no-xnnpack", default=True, show_default=True,
+              help="Delegate to XNNPACK (llama: the partitioners export_llm uses).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, writable=True),
+              required=True, help="Where to write the .pte.")
+@click.option("--quiet", is_flag=True, help="Print only errors.")
+@click.pass_context
+def export(ctx, model, preset, n_layers, dim, n_heads, n_kv_heads, vocab_size, max_context,
+           max_seq_len, lazy_kv_cache, xnnpack, seed, output, quiet):
+    """Export a model with random weights (fixed seed) to a .pte.
+
+    Shows each stage (build, export, lower, plan, serialize) with its time, then one
+    summary line: planned arena bytes, KV bytes at max context, and how many KV buffers
+    are lazy.
+    """
+    import dataclasses
+
+    from lazykv.export import ExportConfig, export_model
+    from lazykv.models.llama import PRESETS
+
+    overrides = {k: v for k, v in dict(n_layers=n_layers, dim=dim, n_heads=n_heads,
+                                       n_kv_heads=n_kv_heads, vocab_size=vocab_size).items()
+                 if v is not None}
+    if model == "example" and (preset or overrides):
+        raise click.UsageError("--preset and size flags apply to --model llama only")
+    shape = None
+    if model == "llama":
+        try:
+            shape = dataclasses.replace(PRESETS[preset or "tiny"], **overrides)
+        except ValueError as e:
+            raise click.UsageError(str(e))
+    if max_seq_len is None:
+        max_seq_len = min(128 if model == "llama" else 64, max_context)
+    cfg = ExportConfig(model=model, max_context=max_context, max_seq_len=max_seq_len, shape=shape,
+                       lazy_kv_cache=lazy_kv_cache, xnnpack=xnnpack, seed=seed)
+
+    def progress(stage, seconds):
+        if not quiet:
+            click.echo(f"  {stage:<10} {seconds:7.1f} s", err=True)
+
+    if not quiet:
+        what = f"{model}" + (f" ({preset or 'tiny'}{', custom size' if overrides else ''})" if model == "llama" else "")
+        click.echo(f"exporting {what}, max context {max_context}"
+                   f"{', lazy KV cache' if lazy_kv_cache else ''}"
+                   f"{', XNNPACK' if xnnpack else ''} -> {output}", err=True)
+    with quiet_third_party(ctx.obj.get("debug") if ctx.obj else False):
+        report = export_model(cfg, output, progress=progress)
+    if not quiet:
+        click.echo(
+            f"wrote {report.path} ({fmt_bytes(report.file_bytes)}) in {report.total_seconds:.1f} s: "
+            f"planned {report.planned_bytes:,} B, KV at max context "
+            f"{report.kv_bytes_at_max_context:,} B, {report.lazy_buffers} lazy KV buffers, "
+            f"peak RSS {fmt_bytes(report.peak_rss_bytes)}"
+        )

@@ -1,0 +1,334 @@
+"""Export a model to ``.pte``, static or with a lazy KV cache, in named stages.
+
+One call, :func:`export_model`, with an :class:`ExportConfig`. Stages run in order and
+each reports its wall time through ``progress(stage, seconds)``:
+
+``build``     construct the model (random weights from a fixed seed, real loading path)
+``export``    ``torch.export``
+``lower``     to Edge dialect and (optionally) XNNPACK
+``plan``      ``to_executorch``: memory planning (and, with ``lazy_kv_cache``, marking)
+``serialize`` write the ``.pte``
+
+ExecuTorch's Llama goes through the code path ``export_llm`` uses
+(``export_llama_lib._prepare_for_llama_export`` -> ``LLMEdgeManager``), so a static
+export here is the same program ``export_llm`` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from lazykv.errors import LazyKVError
+from lazykv.models.llama import PRESETS, LlamaShape, write_random_checkpoint
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("build", "export", "lower", "plan", "serialize")
+MODELS = ("llama", "example")
+
+ProgressFn = Callable[[str, float], None]
+
+
+def cache_dir() -> Path:
+    """Where lazykv keeps generated checkpoints and rewritten programs.
+
+    ``$LAZYKV_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/lazykv`` or ``~/.cache/lazykv``.
+    """
+    env = os.environ.get("LAZYKV_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lazykv"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What to export. ``model`` is ``"llama"`` (ExecuTorch's Llama) or ``"example"``.
+
+    For ``llama``, ``shape`` gives the size (default: the ``tiny`` preset). For
+    ``example``, ``example_config`` (a :class:`lazykv.examples.decoder.DecoderConfig`)
+    does; its ``max_context`` is overridden by ``max_context``.
+    """
+
+    model: str = "llama"
+    max_context: int = 4096
+    max_seq_len: int = 128
+    shape: Optional[LlamaShape] = None
+    example_config: Optional[object] = None
+    lazy_kv_cache: bool = False
+    xnnpack: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise LazyKVError(f"unknown model {self.model!r}; choose one of {list(MODELS)}")
+        if self.max_context < 2:
+            raise LazyKVError(f"--max-context must be at least 2, got {self.max_context}")
+        if not 1 <= self.max_seq_len <= self.max_context:
+            raise LazyKVError(
+                f"max sequence length {self.max_seq_len} must be between 1 and the max "
+                f"context {self.max_context}"
+            )
+
+    @property
+    def llama_shape(self) -> LlamaShape:
+        return self.shape or PRESETS["tiny"]
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """What an export produced: the file, per-stage seconds and the memory figures."""
+
+    path: Path
+    stage_seconds: dict
+    planned_bytes: int
+    non_const_buffer_sizes: list
+    kv_bytes_at_max_context: int
+    lazy_buffers: int
+    file_bytes: int
+    peak_rss_bytes: int
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+
+class _Stages:
+    def __init__(self, progress: Optional[ProgressFn]) -> None:
+        self.progress = progress
+        self.seconds: dict = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[name] = time.perf_counter() - t
+        if self.progress:
+            self.progress(name, self.seconds[name])
+        return out
+
+
+def _backend_config(lazy: bool):
+    """The ExecutorchBackendConfig ``LLMEdgeManager.to_executorch`` uses (plus the mutable
+    buffer names a lazy export needs)."""
+    from executorch.exir import ExecutorchBackendConfig
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    return ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        do_quant_fusion_and_const_prop=True,
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        emit_mutable_buffer_names=lazy,
+    )
+
+
+def _to_executorch(edge_manager, lazy: bool):
+    if lazy:
+        from lazykv.passes import to_executorch_lazy
+
+        return to_executorch_lazy(edge_manager, config=_backend_config(lazy=True))
+    return edge_manager.to_executorch(_backend_config(lazy=False))
+
+
+def _checkpoint_for(shape: LlamaShape, seed: int) -> tuple[Path, Path]:
+    key = hashlib.sha256(repr((shape, seed, 1)).encode()).hexdigest()[:16]
+    d = cache_dir() / "checkpoints" / key
+    params, ckpt = d / "params.json", d / "checkpoint.pth"
+    if not (params.exists() and ckpt.exists()):
+        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+        write_random_checkpoint(shape, tmp, seed=seed)
+        tmp.replace(d) if not d.exists() else None
+        if tmp.exists():  # another process won the race
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return params, ckpt
+
+
+def _llama_builder(cfg: ExportConfig):
+    """``(LlmConfig, LLMEdgeManager)`` for ExecuTorch's Llama, built the way export_llm does.
+
+    ``export_llama_lib._prepare_for_llama_export`` is private, but it is the one function
+    that loads params + checkpoint and applies export_llm's source transforms (custom KV
+    cache, custom SDPA), so we call it rather than re-implement it.
+    """
+    from executorch.examples.models.llama.export_llama_lib import _prepare_for_llama_export
+    from executorch.extension.llm.export.config.llm_config import LlmConfig
+
+    params, ckpt = _checkpoint_for(cfg.llama_shape, cfg.seed)
+    llm = LlmConfig()
+    llm.base.params = str(params)
+    llm.base.checkpoint = str(ckpt)
+    llm.model.use_kv_cache = True
+    llm.model.use_sdpa_with_kv_cache = True
+    llm.backend.xnnpack.enabled = cfg.xnnpack
+    llm.export.max_context_length = cfg.max_context
+    llm.export.max_seq_length = cfg.max_seq_len
+    llm.export.output_dir = str(cache_dir() / "export_llm_out")
+    return llm, _prepare_for_llama_export(llm)
+
+
+def _example_model(cfg: ExportConfig):
+    from lazykv.examples.decoder import DecoderConfig, build_example_decoder
+
+    base = cfg.example_config or DecoderConfig()
+    dc = dataclasses.replace(
+        base, max_context=cfg.max_context, max_seq_len=min(base.max_seq_len, cfg.max_context)
+    )
+    return build_example_decoder(dc, seed=cfg.seed)
+
+
+class _PositionalLlama(torch.nn.Module):
+    """ExecuTorch's Llama takes ``(tokens, {"input_pos": pos})`` in eager mode; the
+    exported program takes ``(tokens, input_pos)``. This adapter gives eager the same."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, {"input_pos": input_pos})
+
+
+def build_eager_model(cfg: ExportConfig) -> torch.nn.Module:
+    """The eager ``torch.nn.Module`` that :func:`export_model` would export for ``cfg``.
+
+    Same weights (same seed, same checkpoint), same source transforms, fresh zeroed KV
+    cache: the reference for checking an exported program's logits. Its forward is
+    ``(tokens [1, S], input_pos [1]) -> logits``.
+    """
+    if cfg.model == "llama":
+        _, builder = _llama_builder(dataclasses.replace(cfg, lazy_kv_cache=False))
+        return _PositionalLlama(builder.model).eval()
+    return _example_model(cfg)
+
+
+
+def _mask_free(cfg: ExportConfig):
+    """Context that keeps N x N causal masks off the heap (lazy exports only)."""
+    import contextlib
+
+    if not cfg.lazy_kv_cache:
+        return contextlib.nullcontext()
+    from lazykv.passes import no_causal_masks
+
+    return no_causal_masks(cfg.max_context)
+
+
+def _export_llama(cfg: ExportConfig, stages: _Stages):
+    # Private, but it is the partitioner list export_llm itself uses for XNNPACK.
+    from executorch.examples.models.llama.export_llama_lib import _get_xnnpack_partitioners
+
+    def build():
+        with _mask_free(cfg):
+            return _llama_builder(cfg)
+
+    llm, builder = stages.run("build", build)
+
+    def export():
+        with _mask_free(cfg):
+            builder.export()
+            builder.run_canonical_optimizations()
+
+    stages.run("export", export)
+
+    def lower():
+        parts = _get_xnnpack_partitioners(llm) if cfg.xnnpack else None
+        with _mask_free(cfg):
+            builder.to_edge_transform_and_lower(parts)
+        return builder.edge_manager
+
+    edge = stages.run("lower", lower)
+
+    def plan():
+        # Same as LLMEdgeManager.to_executorch, whose config cannot be changed.
+        from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
+
+        edge.transform([ConvertToLinearPass()])
+        return _to_executorch(edge, cfg.lazy_kv_cache)
+
+    return stages.run("plan", plan)
+
+
+def _export_example(cfg: ExportConfig, stages: _Stages):
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    def build():
+        return _example_model(cfg)
+
+    model = stages.run("build", build)
+
+    def export():
+        with torch.no_grad():
+            return torch.export.export(
+                model, model.example_inputs(), dynamic_shapes=model.dynamic_shapes(), strict=False
+            )
+
+    ep = stages.run("export", export)
+
+    def lower():
+        parts = []
+        if cfg.xnnpack:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+                XnnpackPartitioner,
+            )
+
+            parts = [XnnpackPartitioner()]
+        return to_edge_transform_and_lower(
+            ep, partitioner=parts, compile_config=EdgeCompileConfig(_check_ir_validity=False)
+        )
+
+    edge = stages.run("lower", lower)
+    return stages.run("plan", _to_executorch, edge, cfg.lazy_kv_cache)
+
+
+def export_model(
+    cfg: ExportConfig, out: os.PathLike, progress: Optional[ProgressFn] = None
+) -> ExportReport:
+    """Export ``cfg`` to the ``.pte`` file ``out`` and report what it holds.
+
+    The file is written to a temporary name and renamed, so ``out`` is either the
+    complete new program or untouched. ``progress(stage, seconds)`` is called after each
+    stage of :data:`STAGES`.
+    """
+    from lazykv.inspect import inspect_pte
+
+    out = Path(out)
+    if out.exists() and out.is_dir():
+        raise LazyKVError(f"-o {out}: is a directory; give a file name ending in .pte")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(progress)
+    if cfg.model == "llama":
+        et = _export_llama(cfg, stages)
+    else:
+        et = _export_example(cfg, stages)
+
+    def serialize():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            et.write_to_file(f)
+        tmp.replace(out)
+
+    stages.run("serialize", serialize)
+    sizes = list(et.executorch_program.execution_plan[0].non_const_buffer_sizes)
+    info = inspect_pte(out)
+    return ExportReport(
+        path=out,
+        stage_seconds=stages.seconds,
+        planned_bytes=info["planned_bytes"],
+        non_const_buffer_sizes=sizes,
+        kv_bytes_at_max_context=info["kv_bytes_at_max_context"],
+        lazy_buffers=sum(1 for b in info["kv_buffers"] if b["lazy"]),
+        file_bytes=out.stat().st_size,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
