@@ -46,6 +46,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING)
+    if not debug:
+        # torch and torchao log warnings at import time that say nothing about the
+        # user's program (optional CUDA kernels, pytree registrations).
+        import torch  # noqa: F401  (torch configures its loggers on import)
+
+        for name in ("torch", "torchao", "executorch"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _register() -> None:
