@@ -85,12 +85,13 @@ def main(out_dir, max_context, prompt_len, new_tokens):
         stats = session.stats
     seconds = time.perf_counter() - t0
     per_pos = lazy_info["lazy_kv_bytes"] // max_context
-    _say(f"      {pos} positions in {seconds:.1f} s; logits max |static - lazy| = {worst} "
+    _say(f"      {pos} positions in {seconds:.2f} s; logits max |static - lazy| = {worst} "
          f"({'bit-identical' if worst == 0.0 else 'DIFFERENT'})")
     _say(f"      lazy KV held at the end: {fmt_bytes(trace[-1][1])} for {pos} positions "
          f"(ideal {fmt_bytes(per_pos * pos)}; static holds "
          f"{fmt_bytes(static_info['kv_bytes_at_max_context'])} from load on)")
-    _say(f"      growth: {stats}")
+    _say(f"      growth: {stats.grow_events} grow events, {fmt_bytes(stats.bytes_copied)} copied, "
+         f"peak {fmt_bytes(stats.peak_bytes)} (policy 'doubling')")
 
     png = out / "kv_bytes.png"
     _say(f"[4/4] writing {png}")
@@ -101,9 +102,10 @@ def main(out_dir, max_context, prompt_len, new_tokens):
 
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [p for p, _ in trace]
-    ax.step(xs, [b / 2**20 for _, b in trace], where="post", label="lazy KV held (shim)")
+    ax.step(xs, [b / 2**20 for _, b in trace], where="pre", label="lazy KV held (shim)")
     ax.plot(xs, [per_pos * p / 2**20 for p in xs], "--", label="ideal (bytes/position x positions)")
     ax.axhline(static_info["kv_bytes_at_max_context"] / 2**20, color="r", label="static KV (stock)")
+    ax.set_yscale("symlog", linthresh=per_pos * 16 / 2**20)
     ax.set_xlabel("positions filled")
     ax.set_ylabel("KV bytes (MiB)")
     ax.set_title(f"example decoder, max context {max_context}")
