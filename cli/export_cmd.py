@@ -31,13 +31,22 @@ from lazykv.cli._quiet import fmt_bytes, quiet_third_party
                    "lazykv's runtime shim (`lazykv generate`).")
 @click.option("--xnnpack/--no-xnnpack", default=True, show_default=True,
               help="Delegate to XNNPACK (llama: the partitioners export_llm uses).")
+@click.option("--methods", default="forward", show_default=True,
+              type=click.Choice(["forward", "prefill,decode"]),
+              help="'prefill,decode': two methods over the same weights and KV buffers "
+                   "(prefill takes up to --max-seq-len tokens, decode exactly one). Constants "
+                   "are keyed by FQN across methods and stored once.")
+@click.option("--allow-divergent-constants", is_flag=True,
+              help="With several methods: accept the same FQN holding different bytes "
+                   "(each method keeps its own copy) instead of failing the export.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, writable=True),
               required=True, help="Where to write the .pte.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @click.pass_context
 def export(ctx, model, preset, n_layers, dim, n_heads, n_kv_heads, vocab_size, max_context,
-           max_seq_len, lazy_kv_cache, xnnpack, seed, output, quiet):
+           max_seq_len, lazy_kv_cache, xnnpack, methods, allow_divergent_constants, seed, output,
+           quiet):
     """Export a model with random weights (fixed seed) to a .pte.
 
     Shows each stage (build, export, lower, plan, serialize) with its time, then one
@@ -63,7 +72,9 @@ def export(ctx, model, preset, n_layers, dim, n_heads, n_kv_heads, vocab_size, m
     if max_seq_len is None:
         max_seq_len = min(128 if model == "llama" else 64, max_context)
     cfg = ExportConfig(model=model, max_context=max_context, max_seq_len=max_seq_len, shape=shape,
-                       lazy_kv_cache=lazy_kv_cache, xnnpack=xnnpack, seed=seed)
+                       lazy_kv_cache=lazy_kv_cache, xnnpack=xnnpack, seed=seed,
+                       methods=tuple(methods.split(",")),
+                       allow_divergent_constants=allow_divergent_constants)
 
     def progress(stage, seconds):
         if not quiet:
@@ -73,7 +84,7 @@ def export(ctx, model, preset, n_layers, dim, n_heads, n_kv_heads, vocab_size, m
         what = f"{model}" + (f" ({preset or 'tiny'}{', custom size' if overrides else ''})" if model == "llama" else "")
         click.echo(f"exporting {what}, max context {max_context}"
                    f"{', lazy KV cache' if lazy_kv_cache else ''}"
-                   f"{', XNNPACK' if xnnpack else ''} -> {output}", err=True)
+                   f"{', XNNPACK' if xnnpack else ''}, methods {methods} -> {output}", err=True)
     with quiet_third_party(ctx.obj.get("debug") if ctx.obj else False):
         report = export_model(cfg, output, progress=progress)
     if not quiet:

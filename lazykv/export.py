@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("build", "export", "lower", "plan", "serialize")
 MODELS = ("llama", "example")
+METHOD_SETS = (("forward",), ("prefill", "decode"))
 
 ProgressFn = Callable[[str, float], None]
 
@@ -67,10 +68,20 @@ class ExportConfig:
     lazy_kv_cache: bool = False
     xnnpack: bool = True
     seed: int = 0
+    #: ``("forward",)``, or ``("prefill", "decode")``: prefill takes a dynamic number of
+    #: tokens, decode exactly one; both read and write the same KV buffers.
+    methods: tuple = ("forward",)
+    #: Accept the same FQN holding different bytes in two methods (stored twice).
+    allow_divergent_constants: bool = False
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise LazyKVError(f"unknown model {self.model!r}; choose one of {list(MODELS)}")
+        if tuple(self.methods) not in METHOD_SETS:
+            raise LazyKVError(
+                f"--methods {','.join(self.methods)}: choose one of "
+                f"{[','.join(m) for m in METHOD_SETS]}"
+            )
         if self.max_context < 2:
             raise LazyKVError(f"--max-context must be at least 2, got {self.max_context}")
         if not 1 <= self.max_seq_len <= self.max_context:
@@ -116,9 +127,10 @@ class _Stages:
         return out
 
 
-def _backend_config(lazy: bool):
-    """The ExecutorchBackendConfig ``LLMEdgeManager.to_executorch`` uses (plus the mutable
-    buffer names a lazy export needs)."""
+def _backend_config(lazy: bool, multi_method: bool = False):
+    """The ExecutorchBackendConfig ``LLMEdgeManager.to_executorch`` uses, plus the mutable
+    buffer names a lazy export needs; with several methods, static KV buffers are shared
+    across them (``share_mutable_buffers``: one copy on memory id 2)."""
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -126,18 +138,40 @@ def _backend_config(lazy: bool):
     return ExecutorchBackendConfig(
         extract_delegate_segments=True,
         do_quant_fusion_and_const_prop=True,
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        memory_planning_pass=MemoryPlanningPass(
+            alloc_graph_input=False, share_mutable_buffers=multi_method and not lazy
+        ),
         sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
-        emit_mutable_buffer_names=lazy,
+        emit_mutable_buffer_names=lazy or multi_method,
     )
 
 
-def _to_executorch(edge_manager, lazy: bool):
+def _to_executorch(edge_manager, lazy: bool, shared_constants=()):
+    """``to_executorch`` (lazy or static); ``shared_constants`` go into the manifest."""
+    from lazykv.manifest import MANIFEST_KEY, Manifest, producer_string
+
+    multi = len(edge_manager.methods) > 1
     if lazy:
         from lazykv.passes import to_executorch_lazy
 
-        return to_executorch_lazy(edge_manager, config=_backend_config(lazy=True))
-    return edge_manager.to_executorch(_backend_config(lazy=False))
+        return to_executorch_lazy(
+            edge_manager, config=_backend_config(True, multi), shared_constants=shared_constants
+        )
+    if shared_constants:
+        manifest = Manifest(shared_constants=tuple(shared_constants), producer=producer_string())
+        # EdgeProgramManager has no public way to add named data; its store is what
+        # to_executorch serializes into the .pte, so the manifest goes there.
+        edge_manager._named_data_store.add_named_data(MANIFEST_KEY, manifest.to_bytes())
+    return edge_manager.to_executorch(_backend_config(False, multi))
+
+
+def _share_constants(cfg: "ExportConfig", programs: dict):
+    """Shared constants of a multi-method export (refuses divergent FQNs)."""
+    if len(programs) < 2:
+        return ()
+    from lazykv.passes.share_constants_by_fqn import ShareConstantsByFQN
+
+    return ShareConstantsByFQN(allow_divergent=cfg.allow_divergent_constants)(programs)
 
 
 def _checkpoint_for(shape: LlamaShape, seed: int) -> tuple[Path, Path]:
@@ -239,14 +273,38 @@ def _export_llama(cfg: ExportConfig, stages: _Stages):
         with _mask_free(cfg):
             builder.export()
             builder.run_canonical_optimizations()
+            if cfg.methods == ("forward",):
+                return {}
+            # prefill: the dynamic-length program export_llm makes; decode: one token.
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    stages.run("export", export)
+            gm = builder.pre_autograd_graph_module
+            with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
+                prefill = builder._export(gm)
+                tok = torch.zeros((1, 1), dtype=builder.example_inputs[0].dtype)
+                pos = torch.zeros((1,), dtype=tok.dtype)
+                decode = torch.export.export(
+                    gm, (tok,), kwargs={"input_pos": pos}, strict=True
+                ).run_decompositions({})
+            return {"prefill": prefill, "decode": decode}
+
+    programs = stages.run("export", export)
+    shared = _share_constants(cfg, programs)
 
     def lower():
         parts = _get_xnnpack_partitioners(llm) if cfg.xnnpack else None
         with _mask_free(cfg):
-            builder.to_edge_transform_and_lower(parts)
-        return builder.edge_manager
+            if not programs:
+                builder.to_edge_transform_and_lower(parts)
+                return builder.edge_manager
+            from executorch.exir import to_edge_transform_and_lower
+
+            return to_edge_transform_and_lower(
+                programs,
+                partitioner=parts,
+                compile_config=builder._get_edge_config(),
+                constant_methods=builder.metadata,
+            )
 
     edge = stages.run("lower", lower)
 
@@ -255,7 +313,7 @@ def _export_llama(cfg: ExportConfig, stages: _Stages):
         from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
 
         edge.transform([ConvertToLinearPass()])
-        return _to_executorch(edge, cfg.lazy_kv_cache)
+        return _to_executorch(edge, cfg.lazy_kv_cache, shared)
 
     return stages.run("plan", plan)
 
@@ -270,11 +328,16 @@ def _export_example(cfg: ExportConfig, stages: _Stages):
 
     def export():
         with torch.no_grad():
-            return torch.export.export(
+            prefill = torch.export.export(
                 model, model.example_inputs(), dynamic_shapes=model.dynamic_shapes(), strict=False
             )
+            if cfg.methods == ("forward",):
+                return {"forward": prefill}
+            one = (torch.tensor([[1]], dtype=torch.long), torch.tensor([0], dtype=torch.long))
+            return {"prefill": prefill, "decode": torch.export.export(model, one, strict=False)}
 
-    ep = stages.run("export", export)
+    programs = stages.run("export", export)
+    shared = _share_constants(cfg, programs)
 
     def lower():
         parts = []
@@ -285,11 +348,11 @@ def _export_example(cfg: ExportConfig, stages: _Stages):
 
             parts = [XnnpackPartitioner()]
         return to_edge_transform_and_lower(
-            ep, partitioner=parts, compile_config=EdgeCompileConfig(_check_ir_validity=False)
+            programs, partitioner=parts, compile_config=EdgeCompileConfig(_check_ir_validity=False)
         )
 
     edge = stages.run("lower", lower)
-    return stages.run("plan", _to_executorch, edge, cfg.lazy_kv_cache)
+    return stages.run("plan", _to_executorch, edge, cfg.lazy_kv_cache, shared)
 
 
 def export_model(

@@ -225,6 +225,7 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
         }
 
     named = [nd for nd in (program.named_data or []) if not nd.key.startswith("lazykv/")]
+    named_keys = {nd.key for nd in named}
     named_bytes = 0
     for nd in named:
         if 0 <= nd.segment_index < len(program.segments or []):
@@ -252,8 +253,16 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
         },
         "shared_constants": [
             {"fqn": c.fqn, "nbytes": c.nbytes, "methods": list(c.methods),
-             "stored_once": c.stored_once, "storage_key": c.storage_key}
+             "stored_once": c.stored_once, "storage_key": c.storage_key,
+             "stored_in": ("named_data" if c.storage_key in named_keys else "constant_segment")}
             for c in (manifest.shared_constants if manifest else ())
         ],
+        # Resident bytes a per-method copy of each shared constant would cost on top of
+        # one copy (what the XNNPACK weight cache saves when methods share weights).
+        "shared_constant_bytes_saved": sum(
+            c.nbytes * (len(c.methods) - 1)
+            for c in (manifest.shared_constants if manifest else ())
+            if c.stored_once
+        ),
         "manifest": None if manifest is None else __import__("json").loads(manifest.to_json()),
     }
