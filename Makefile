@@ -9,10 +9,14 @@ DEMO_DIR := build/demo
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Second pip call: the native helper (runtime_shim/native) compiles against the executorch
+# the first one installed (pip's isolated build env has none); without isolation this time,
+# and LAZYKV_REQUIRE_NATIVE=1 turns a failed build into an install error.
+$(STAMP): pyproject.toml setup.py runtime_shim/native/xnnpack_options.cpp runtime_shim/native/build.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	LAZYKV_REQUIRE_NATIVE=1 $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
