@@ -22,17 +22,21 @@ def _plot(result, path: str) -> None:
     import matplotlib.pyplot as plt
 
     xs = [p for p, _ in result.trace]
-    ys = [b / 2**20 for _, b in result.trace]
-    ideal = [p * result.bytes_per_position / 2**20 for p in xs]
+    top = max([b for _, b in result.trace] + [1])
+    unit, div = ("MiB", 2**20) if top >= 2**20 else ("KiB", 2**10)
+    ys = [b / div for _, b in result.trace]
+    ideal = [p * result.bytes_per_position / div for p in xs]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.step(xs, ys, where="post", label=f"KV bytes held ({result.policy})")
     ax.plot(xs, ideal, "--", color="gray", label="ideal (bytes/position x positions)")
-    if result.max_positions:
-        ax.axhline(result.max_positions * result.bytes_per_position / 2**20, color="red",
-                   linewidth=0.8, linestyle=":", label="static (max context)")
+    ax.set_ylim(bottom=0)
+    static = result.max_positions * result.bytes_per_position
+    ax.set_title(
+        f"lazykv generate: {len(result.tokens)} session(s); static KV would be "
+        f"{static / 2**20:.1f} MiB", fontsize=10,
+    )
+    ax.set_ylabel(f"KV storage ({unit})")
     ax.set_xlabel("positions filled (tokens)")
-    ax.set_ylabel("KV storage (MiB)")
-    ax.set_title(f"lazykv generate: {len(result.tokens)} session(s)")
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()

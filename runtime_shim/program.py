@@ -1,0 +1,435 @@
+"""``load()``: a ``.pte`` on the stock runtime, its lazy KV buffers rebound as inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import threading
+import time
+from struct import error as struct_error
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from executorch.exir.schema import (
+    Bool,
+    Double,
+    Int,
+    Tensor,
+    TensorShapeDynamism,
+)
+
+from lazykv.errors import (
+    InvalidInput,
+    LazyKVError,
+    MemoryBudgetExceeded,
+    UnknownMethod,
+)
+from lazykv.manifest import LazyBuffer, Manifest
+from lazykv.pte_file import PteFile, open_pte
+from lazykv.runtime_shim import binding
+from lazykv.runtime_shim.allocator import DynamicAllocator, TorchAllocator
+from lazykv.runtime_shim.policy import GrowthPolicy, parse_policy
+
+logger = logging.getLogger(__name__)
+
+# executorch ScalarType code -> torch dtype.
+_TORCH_DTYPES = {
+    0: torch.uint8,
+    1: torch.int8,
+    2: torch.int16,
+    3: torch.int32,
+    4: torch.int64,
+    5: torch.float16,
+    6: torch.float32,
+    7: torch.float64,
+    11: torch.bool,
+    15: torch.bfloat16,
+}
+_MANIFEST_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+
+_RUNTIME_LOCK = threading.Lock()
+_RUNTIME = None
+
+
+def _runtime():
+    """The ExecuTorch runtime with the LLM custom ops registered (DESIGN fact 3)."""
+    global _RUNTIME
+    with _RUNTIME_LOCK:
+        if _RUNTIME is None:
+            import executorch.extension.pybindings.portable_lib  # noqa: F401  (first)
+
+            try:
+                import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+            except Exception as e:  # pragma: no cover - wheel without custom ops
+                logger.warning("llama custom ops unavailable (%s): programs using them fail", e)
+            from executorch.runtime import Runtime
+
+            _RUNTIME = Runtime.get()
+        return _RUNTIME
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What one user input of a method must look like (from the program flatbuffer)."""
+
+    index: int
+    kind: str  # "tensor", "int", "float", "bool", "other"
+    dtype: Optional[torch.dtype] = None
+    sizes: Tuple[int, ...] = ()
+    dynamic: bool = False
+
+    @staticmethod
+    def from_dict(d: dict) -> "InputSpec":
+        dt = d.get("dtype")
+        return InputSpec(
+            index=int(d["index"]),
+            kind=str(d["kind"]),
+            dtype=None if dt is None else getattr(torch, str(dt).replace("torch.", "")),
+            sizes=tuple(int(x) for x in d.get("sizes", ())),
+            dynamic=bool(d.get("dynamic", False)),
+        )
+
+    def describe(self) -> str:
+        if self.kind != "tensor":
+            return self.kind
+        dims = "x".join(str(d) for d in self.sizes)
+        return f"{str(self.dtype).replace('torch.', '')}[{dims}]" + (
+            " (dims up to these)" if self.dynamic else ""
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+    """A method as the shim sees it: user inputs, lazy buffers, fill rule, bound."""
+
+    name: str
+    inputs: Tuple[InputSpec, ...]
+    lazy_fqns: Tuple[str, ...]
+
+    @property
+    def uses_lazy(self) -> bool:
+        return bool(self.lazy_fqns)
+
+
+class LazyProgram:
+    """A loaded program. Make sessions with :meth:`session`; restore one with :meth:`restore`.
+
+    Weights and the runtime's method state are loaded once per program; each session
+    owns only its KV storage. Use :func:`load` to build one.
+    """
+
+    def __init__(
+        self,
+        source: Union[str, os.PathLike, bytes, bytearray, memoryview],
+        policy: Union[str, GrowthPolicy, None] = "doubling",
+        max_bytes: Optional[int] = None,
+        *,
+        allocator: Optional[DynamicAllocator] = None,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        weight_cache: Optional[bool] = None,
+    ) -> None:
+        t0 = time.perf_counter()
+        self.policy: GrowthPolicy = parse_policy(policy)
+        if max_bytes is not None and int(max_bytes) < 0:
+            raise InvalidInput(f"max_bytes must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes: Optional[int] = None if max_bytes is None else int(max_bytes)
+        self.allocator: DynamicAllocator = allocator or TorchAllocator()
+        cache_dir = Path(cache_dir) if cache_dir is not None else binding.default_cache_dir()
+
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            src_path, data = None, bytes(source)
+        else:
+            src_path, data = os.fspath(source), None
+            if not os.path.isfile(src_path):
+                open_pte(src_path)  # raises InvalidProgram naming the problem
+        self.source = src_path or "<bytes>"
+        # The sha256 of a file seen before is memoized by (size, mtime, inode). For a new
+        # file it is computed in a thread while the flatbuffer is patched and the
+        # segments copied (both release the GIL), so the two costs overlap.
+        self._digest_future = None
+        if src_path is None:
+            self.digest = binding.source_key(None, data)
+        else:
+            self.digest = binding.memoized_key(src_path, cache_dir)
+            if self.digest is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                pool = ThreadPoolExecutor(max_workers=1)
+                self._digest_future = pool.submit(binding.source_key, src_path, None, cache_dir)
+                pool.shutdown(wait=False)
+        meta = None
+        self.cache_hit = None
+        if self.digest is not None:
+            # A cached load reads a small sidecar instead of parsing the flatbuffer.
+            meta = binding.read_sidecar(cache_dir, self.digest)
+            if meta is not None:
+                self.cache_hit = True
+        if meta is None:
+            meta = self._fast_rebind(src_path, data, cache_dir)
+        self._resolve_digest()
+        if meta is None:
+            pte = open_pte(data if src_path is None else src_path)
+            try:
+                manifest = pte.manifest
+                lazy = manifest is not None and bool(manifest.lazy_buffers)
+                if lazy:
+                    path, bound, hit = binding.bound_file(pte, manifest, src_path, self.digest, cache_dir)
+                    self.cache_hit = hit
+                else:
+                    bound = {
+                        p.name: binding.BoundMethod(p.name, len(p.inputs), ())
+                        for p in pte.program.execution_plan
+                    }
+                meta = {
+                    "lazy": lazy,
+                    "manifest": manifest.to_json() if manifest is not None else None,
+                    "method_names": pte.method_names,
+                    "methods": {
+                        plan.name: {
+                            "inputs": [
+                                dataclasses.asdict(_input_spec(plan, i))
+                                for i in range(len(plan.inputs))
+                            ],
+                            "kv_fqns": list(bound[plan.name].kv_fqns),
+                        }
+                        for plan in pte.program.execution_plan
+                    },
+                }
+                binding.write_sidecar(cache_dir, self.digest, meta)
+            finally:
+                pte.close()
+        lazy = bool(meta["lazy"])
+        self.manifest: Optional[Manifest] = (
+            None if meta["manifest"] is None else Manifest.from_bytes(meta["manifest"].encode(), self.source)
+        )
+        self.method_names: List[str] = list(meta["method_names"])
+        self._methods_info: Dict[str, MethodInfo] = {
+            name: MethodInfo(
+                name,
+                tuple(InputSpec.from_dict(d) for d in m["inputs"]),
+                tuple(m["kv_fqns"]),
+            )
+            for name, m in meta["methods"].items()
+        }
+        if lazy:
+            run_path = str(binding.bound_path(cache_dir, self.digest))
+        elif src_path is None:
+            # Never hand the runtime bytes (it keeps an anonymous copy): cache a file.
+            dest = cache_dir / f"{self.digest}.pte"
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, dest)
+            run_path = str(dest)
+        else:
+            run_path = src_path
+        self.runtime_path = run_path
+        self._et_program = _runtime().load_program(run_path)
+        self._loaded: Dict[str, Any] = {}
+        self.weight_cache: Optional[bool] = None
+        runnable = [n for n in self.method_names if self._methods_info[n].inputs]
+        if weight_cache is None and len(runnable) > 1:
+            # Several methods over the same weights: without XNNPACK's weight cache each
+            # method's delegate packs its own copy (1.96x resident, DESIGN fact 7).
+            weight_cache = True
+        if weight_cache is not None:
+            # Process-wide and read by each XNNPACK delegate at load_method: switch it for
+            # the duration of loading every method now, then restore the previous value
+            # (methods keep the setting they were loaded with).
+            from lazykv.runtime_shim import weight_cache as _wc
+
+            with _wc.enabled(bool(weight_cache)) as took:
+                self.weight_cache = took if weight_cache else False
+                for name in runnable:
+                    self._method(name)
+        self.buffers: Tuple[LazyBuffer, ...] = self.manifest.lazy_buffers if lazy else ()
+        self.lazy = lazy
+        self._dtypes = {b.fqn: _MANIFEST_DTYPES[b.dtype] for b in self.buffers}
+        self.load_seconds = time.perf_counter() - t0
+        self._sessions_open = 0
+
+    def _fast_rebind(self, src_path, data, cache_dir) -> Optional[dict]:
+        """Rebind by patching the flatbuffer bytes (:mod:`.fastpte`); None = use the
+        object path."""
+        from lazykv.runtime_shim import fastpte
+
+        try:
+            fp = fastpte.FastPte(src_path, data)
+        except Exception:
+            return None
+        try:
+            manifest = fp.manifest(self.source)
+            lazy = manifest is not None and bool(manifest.lazy_buffers)
+            # Input specs first: patching rewrites the plans' input vectors.
+            specs_of = {}
+            for pi, name in enumerate(fp.method_names):
+                specs = fp.input_specs(pi)
+                for d in specs:
+                    if "scalar_type" in d:
+                        dt = _TORCH_DTYPES.get(d.pop("scalar_type"))
+                        d["dtype"] = None if dt is None else str(dt)
+                specs_of[name] = specs
+            appended = {n: () for n in fp.method_names}
+            if lazy:
+                region, appended = fp.rebound_region(manifest, binding._SCALAR_TYPE_NAMES)
+                base = fp.segment_base_offset
+                if self.digest is not None:
+                    dest = binding.bound_path(cache_dir, self.digest)
+                    self.cache_hit = dest.exists()
+                    if not self.cache_hit:
+                        binding.write_with_segments(
+                            dest, region, src_path, data, base, fp.file_size - base
+                        )
+                else:  # digest still being computed: write under a temporary name
+                    tmp = Path(cache_dir) / f"incoming-{os.getpid()}-{id(self)}.pte"
+                    binding.write_with_segments(tmp, region, src_path, data, base, fp.file_size - base)
+                    self._resolve_digest()
+                    dest = binding.bound_path(cache_dir, self.digest)
+                    self.cache_hit = dest.exists()
+                    if self.cache_hit:
+                        tmp.unlink()
+                    else:
+                        os.replace(tmp, dest)
+            methods = {
+                name: {"inputs": specs_of[name], "kv_fqns": list(appended[name])}
+                for name in fp.method_names
+            }
+            meta = {
+                "lazy": lazy,
+                "manifest": manifest.to_json() if manifest is not None else None,
+                "method_names": fp.method_names,
+                "methods": methods,
+            }
+        except LazyKVError:
+            raise
+        except Exception as e:  # anything odd: the object path decides
+            logger.info("fast rebinding not possible (%s); using the object path", e)
+            return None
+        finally:
+            fp.close()
+        self._resolve_digest()
+        binding.write_sidecar(cache_dir, self.digest, meta)
+        return meta
+
+    def _resolve_digest(self) -> None:
+        if self._digest_future is not None:
+            self.digest = self._digest_future.result()
+            self._digest_future = None
+
+    # -- introspection ---------------------------------------------------------------
+
+    @property
+    def bytes_per_position(self) -> int:
+        """KV bytes one filled position costs (all lazy buffers together)."""
+        return sum(b.bytes_per_position for b in self.buffers)
+
+    @property
+    def max_positions(self) -> int:
+        """The exported bound along the growth axis (smallest over the lazy buffers)."""
+        return min((b.max_positions for b in self.buffers), default=0)
+
+    def method_info(self, method: str) -> MethodInfo:
+        info = self._methods_info.get(method)
+        if info is None:
+            raise UnknownMethod(
+                f"{self.source}: no method {method!r}; it has {sorted(self.method_names)}"
+            )
+        return info
+
+    def _method(self, name: str):
+        m = self._loaded.get(name)
+        if m is None:
+            self.method_info(name)
+            m = self._et_program.load_method(name)
+            self._loaded[name] = m
+        return m
+
+    def constant(self, method: str) -> Any:
+        """Run a method that takes no inputs (e.g. ``get_vocab_size``) and return its value."""
+        info = self.method_info(method)
+        if info.inputs:
+            raise InvalidInput(f"{method!r} takes {len(info.inputs)} inputs; not a constant")
+        out = self._method(method).execute([])
+        return out[0] if len(out) == 1 else list(out)
+
+    # -- sessions --------------------------------------------------------------------
+
+    def session(self):
+        """A new conversation with its own KV storage (none allocated until needed,
+        except under ``preallocate``)."""
+        from lazykv.runtime_shim.session import Session
+
+        return Session(self)
+
+    def restore(self, path: Union[str, os.PathLike]):
+        """A session restored from a file written by :meth:`Session.save`."""
+        from lazykv.runtime_shim.session import Session
+
+        return Session._restore(self, path)
+
+    def __repr__(self) -> str:
+        return (
+            f"LazyProgram({self.source!r}, policy={self.policy.spec()!r}, "
+            f"lazy_buffers={len(self.buffers)}, max_positions={self.max_positions})"
+        )
+
+
+def _input_spec(plan, i: int) -> InputSpec:
+    v = plan.values[plan.inputs[i]].val
+    if isinstance(v, Tensor):
+        return InputSpec(
+            index=i,
+            kind="tensor",
+            dtype=_TORCH_DTYPES.get(int(v.scalar_type)),
+            sizes=tuple(int(d) for d in v.sizes),
+            dynamic=v.shape_dynamism != TensorShapeDynamism.STATIC,
+        )
+    if isinstance(v, Int):
+        return InputSpec(i, "int")
+    if isinstance(v, Double):
+        return InputSpec(i, "float")
+    if isinstance(v, Bool):
+        return InputSpec(i, "bool")
+    return InputSpec(i, "other")
+
+
+def load(
+    path_or_bytes: Union[str, os.PathLike, bytes, bytearray, memoryview],
+    policy: Union[str, GrowthPolicy, None] = "doubling",
+    max_bytes: Optional[int] = None,
+    *,
+    allocator: Optional[DynamicAllocator] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    weight_cache: Optional[bool] = None,
+) -> LazyProgram:
+    """Load a ``.pte`` (lazy or not) on the stock ExecuTorch runtime.
+
+    ``policy``: a :class:`GrowthPolicy` or its string (``doubling``, ``step:256``,
+    ``hybrid``, ``preallocate``). ``max_bytes``: cap on each session's KV storage.
+    A lazy program's rebound copy is written once to ``cache_dir`` (default
+    ``~/.cache/lazykv``, or ``$LAZYKV_CACHE_DIR``), keyed by the source's sha256.
+    ``weight_cache``: XNNPACK's weight cache (:mod:`lazykv.runtime_shim.weight_cache`)
+    while this program's methods load. None (default): on for programs with several
+    methods (their weights are then resident once), untouched for one method. True/False
+    force it. Whenever it is set, every method is loaded now, inside that setting.
+    """
+    return LazyProgram(
+        path_or_bytes, policy, max_bytes, allocator=allocator, cache_dir=cache_dir,
+        weight_cache=weight_cache,
+    )
