@@ -301,21 +301,14 @@ def source_key(path: Optional[str], data, cache_dir: Optional[Path] = None) -> s
     and in ``cache_dir/hashes`` so a cached load does not re-read the weights."""
     if path is None:
         return hashlib.sha256(memoryview(data)).hexdigest()
+    known = memoized_key(path, cache_dir)
+    if known is not None:
+        return known
     st = os.stat(path)
     stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
-    memo = _HASH_MEMO.get(os.path.abspath(path))
-    if memo and memo[0] == stamp:
-        return memo[1]
     memo_file = Path(cache_dir or default_cache_dir()) / "hashes" / (
         hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:32]
     )
-    try:
-        parts = memo_file.read_text().split()
-        if len(parts) == 4 and tuple(int(x) for x in parts[:3]) == stamp:
-            _HASH_MEMO[os.path.abspath(path)] = (stamp, parts[3])
-            return parts[3]
-    except (OSError, ValueError):
-        pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
