@@ -119,5 +119,13 @@ def main(out_dir, max_context, prompt_len, new_tokens):
         raise SystemExit(1)
 
 
+def run() -> None:
+    """Entry point: ``main`` with ExecuTorch's C++ log lines kept off the terminal."""
+    from lazykv.cli._quiet import native_output_captured
+
+    with native_output_captured():
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    run()

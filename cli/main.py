@@ -20,8 +20,12 @@ class _Group(click.Group):
     """Turns LazyKVError into a clean message + exit code."""
 
     def invoke(self, ctx):
+        from lazykv.cli._quiet import native_output_captured
+
+        debug = "--debug" in sys.argv[1:2] or bool(ctx.obj and ctx.obj.get("debug"))
         try:
-            return super().invoke(ctx)
+            with native_output_captured(enabled=not debug):
+                return super().invoke(ctx)
         except LazyKVError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
