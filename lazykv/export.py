@@ -281,10 +281,16 @@ def _export_llama(cfg: ExportConfig, stages: _Stages):
             gm = builder.pre_autograd_graph_module
             with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
                 prefill = builder._export(gm)
+                # Same calling convention as prefill's example inputs: (tokens,
+                # {"input_pos": pos}) positionally, or tokens plus kwargs.
                 tok = torch.zeros((1, 1), dtype=builder.example_inputs[0].dtype)
                 pos = torch.zeros((1,), dtype=tok.dtype)
+                if len(builder.example_inputs) > 1:
+                    args, kwargs = (tok, {"input_pos": pos}), None
+                else:
+                    args, kwargs = (tok,), {"input_pos": pos}
                 decode = torch.export.export(
-                    gm, (tok,), kwargs={"input_pos": pos}, strict=True
+                    gm, args, kwargs=kwargs, strict=True
                 ).run_decompositions({})
             return {"prefill": prefill, "decode": decode}
 
