@@ -103,7 +103,15 @@ def native_output_captured(enabled: bool = True):
     import sys
     import tempfile
 
-    if not enabled:
+    def _on_fd(stream, fd):
+        try:
+            return stream.fileno() == fd
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    # Only when Python writes to the real descriptors: under click's CliRunner or
+    # pytest's capsys the streams are in-memory and must stay as they are.
+    if not enabled or not (_on_fd(sys.stdout, 1) and _on_fd(sys.stderr, 2)):
         yield
         return
     try:
