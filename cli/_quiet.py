@@ -24,6 +24,15 @@ def quiet_third_party(debug: bool = False):
             logging.root.setLevel(old)
 
 
+def silence_import_noise() -> None:
+    """Raise torch/torchao/executorch loggers to ERROR: at import they warn about optional
+    CUDA kernels and pytree registrations, nothing about the user's program."""
+    import torch  # noqa: F401  (torch configures its loggers on import)
+
+    for name in ("torch", "torchao", "executorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def fmt_bytes(n) -> str:
     """1536 -> '1.5 KiB'; None -> '-'."""
     if n is None:

@@ -121,8 +121,9 @@ def main(out_dir, max_context, prompt_len, new_tokens):
 
 def run() -> None:
     """Entry point: ``main`` with ExecuTorch's C++ log lines kept off the terminal."""
-    from lazykv.cli._quiet import native_output_captured
+    from lazykv.cli._quiet import native_output_captured, silence_import_noise
 
+    silence_import_noise()
     with native_output_captured():
         main()
 

@@ -51,12 +51,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING)
     if not debug:
-        # torch and torchao log warnings at import time that say nothing about the
-        # user's program (optional CUDA kernels, pytree registrations).
-        import torch  # noqa: F401  (torch configures its loggers on import)
+        from lazykv.cli._quiet import silence_import_noise
 
-        for name in ("torch", "torchao", "executorch"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        silence_import_noise()
 
 
 def _register() -> None:
