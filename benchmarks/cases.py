@@ -1,0 +1,638 @@
+"""The seven cases. Each ``case_X(ctx)`` measures (through :mod:`benchmarks.worker`
+subprocesses), draws its PNG and returns its table rows.
+
+Targets are the acceptance figures of issues 4 (lazy export), 5 (runtime shim) and 6
+(multi-method); rows without a target are context for the ratios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import statistics
+from typing import Dict, List, Optional
+
+from benchmarks.artifacts import Art, supports_methods
+from benchmarks.common import CACHE, GIB, MIB, RESULTS, Result, log, row, worker
+
+S110 = "stories110m"
+MED = statistics.median
+
+
+@dataclasses.dataclass
+class Ctx:
+    """Options of a run, and the artifacts each case uses."""
+
+    reps: int = 5  # fresh-process repeats for the 2048 load comparison (>= 5)
+    full: bool = False  # also stories110m static 8192 and lazy 131072
+    quick: bool = False  # development: fewer repeats and shorter runs
+
+    # -- artifacts ----------------------------------------------------------------------
+    def s110(self, n: int, lazy: bool) -> Art:
+        return Art("llama", S110, n, lazy)
+
+    def tiny(self, n: int, lazy: bool) -> Art:
+        return Art("llama", "tiny", n, lazy)
+
+    def load_arts(self) -> List[Art]:
+        arts = [self.s110(2048, False), self.s110(2048, True), self.s110(32768, True)]
+        opt = [self.s110(8192, False), self.s110(131072, True)]
+        return arts + [a for a in opt if self.full or a.exists]
+
+    def export_arts(self) -> List[Art]:
+        return [self.tiny(4096, False), self.tiny(4096, True), self.tiny(32768, True),
+                self.tiny(131072, True), self.tiny(32768, False)]
+
+    def multimethod_arts(self) -> List[Art]:
+        arts = [Art(kind="linear2")]
+        if supports_methods():
+            arts.append(Art("llama", S110, 2048, True, ("prefill", "decode")))
+        return arts
+
+    def arts_for(self, case: str) -> List[Art]:
+        return {
+            "load": self.load_arts(),
+            "decode": [self.tiny(4096, False), self.tiny(4096, True),
+                       self.s110(2048, False), self.s110(2048, True)],
+            "policies": [self.tiny(4096, True)],
+            "transient": [self.s110(2048, True)],
+            "multimethod": self.multimethod_arts(),
+            "sessions": [self.s110(2048, True), self.tiny(4096, True)],
+            "export": self.export_arts(),
+        }[case]
+
+
+def _mib(b) -> float:
+    return b / MIB
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, name: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(RESULTS / name, dpi=110)
+    _plt().close(fig)
+    log(f"wrote {RESULTS / name}")
+
+
+def _missing(case: str, arts: List[Art]) -> List[Result]:
+    gone = [a.label for a in arts if not a.exists]
+    return [Result(f"{case}: not measured", None, "", None, None, case,
+                   f"missing program(s): {', '.join(gone)}")] if gone else []
+
+
+# ================================================================================ load
+
+
+def case_load(ctx: Ctx) -> List[Result]:
+    """stories110m: stock runtime + static program against the shim + lazy program, each
+    load in a fresh process, variants interleaved round-robin."""
+    C = "load"
+    st2, lz2 = ctx.s110(2048, False), ctx.s110(2048, True)
+    if not (st2.exists and lz2.exists):
+        return _missing(C, [st2, lz2])
+    variants = [("stock static 2048", "stock", st2, False),
+                ("shim lazy 2048 first", "shim", lz2, True),
+                ("shim lazy 2048 cached", "shim", lz2, False)]
+    extra = []
+    for a in ctx.load_arts()[2:]:
+        if not a.exists:
+            continue
+        if a.lazy:
+            extra += [(f"shim lazy {a.max_context} first", "shim", a, True),
+                      (f"shim lazy {a.max_context} cached", "shim", a, False)]
+        else:
+            extra.append((f"stock static {a.max_context}", "stock", a, False))
+    reps_main = 2 if ctx.quick else max(5, ctx.reps)
+    reps_extra = 1 if ctx.quick else 2
+    warm_dir = CACHE / "shim-warm"
+    first_root = CACHE / "shim-first"
+    samples: Dict[str, List[dict]] = {v[0]: [] for v in variants + extra}
+
+    def one(name, mode, art, first, rep):
+        cache_dir = None
+        if mode == "shim":
+            cache_dir = first_root / f"{rep}" if first else warm_dir
+            if first:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+        out = worker("load", mode=mode, path=str(art.path), cache_dir=str(cache_dir) if cache_dir else None).out
+        if mode == "shim":
+            want_hit = not first
+            if out["cache_hit"] != want_hit:
+                raise RuntimeError(f"{name}: cache hit {out['cache_hit']}, wanted {want_hit}")
+            if first:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+        samples[name].append(out)
+
+    # Warm the cached-load directory (not measured), then alternate.
+    for _, mode, art, first in variants + extra:
+        if mode == "shim" and not first:
+            worker("load", mode="shim", path=str(art.path), cache_dir=str(warm_dir))
+    for rep in range(max(reps_main, reps_extra)):
+        todo = [v for v in variants if rep < reps_main] + [v for v in extra if rep < reps_extra]
+        for v in todo:
+            one(*v, rep)
+        log(f"load: round {rep + 1} done ({len(todo)} fresh processes)")
+
+    med = {k: {f: MED(s[f] for s in v) for f in ("seconds", "peak_during", "growth")}
+           for k, v in samples.items() if v}
+    rows: List[Result] = []
+    for a in ctx.load_arts():
+        if a.exists:
+            rows.append(row(C, f"planned_bytes {a.label}", a.record()["planned_bytes"], "B"))
+    for k, m in med.items():
+        n = len(samples[k])
+        rows.append(row(C, f"{k}: load time", m["seconds"], "s", note=f"median of {n}"))
+        rows.append(row(C, f"{k}: peak RSS during load", _mib(m["peak_during"]), "MiB"))
+        rows.append(row(C, f"{k}: RSS growth after load", _mib(m["growth"]), "MiB"))
+    s, f, c = med["stock static 2048"], med["shim lazy 2048 first"], med["shim lazy 2048 cached"]
+    rows += [
+        row(C, "load time, shim lazy first / stock static (2048)", f["seconds"] / s["seconds"], "x", "<=", 2.5),
+        row(C, "load time, shim lazy cached / stock static (2048)", c["seconds"] / s["seconds"], "x", "<=", 1.1),
+        row(C, "peak RSS during load, lazy first / stock (2048)", f["peak_during"] / s["peak_during"], "x", "<", 1.0),
+        row(C, "peak RSS during load, lazy cached / stock (2048)", c["peak_during"] / s["peak_during"], "x", "<", 1.0),
+        row(C, "RSS growth after load, lazy first / stock (2048)", f["growth"] / s["growth"], "x", "<", 1.0),
+        row(C, "RSS growth after load, lazy cached / stock (2048)", c["growth"] / s["growth"], "x", "<", 1.0),
+    ]
+    for n in (32768, 131072):
+        k = f"shim lazy {n} cached"
+        if k in med:
+            rows.append(row(C, f"RSS growth, lazy {n} (shim) / static 2048 (stock)",
+                            med[k]["growth"] / s["growth"], "x", "<", 1.0))
+    _plot_load(med, samples)
+    return rows
+
+
+def _plot_load(med, samples) -> None:
+    plt = _plt()
+    names = list(med)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    x = range(len(names))
+    w = 0.38
+    g = [_mib(med[n]["growth"]) for n in names]
+    p = [_mib(med[n]["peak_during"]) for n in names]
+    a1.bar([i - w / 2 for i in x], p, w, label="peak RSS during load", color="#f4a261")
+    a1.bar([i + w / 2 for i in x], g, w, label="RSS growth after load", color="#2a9d8f")
+    for i, (pp, gg) in enumerate(zip(p, g)):
+        a1.text(i - w / 2, pp, f"{pp:.0f}", ha="center", va="bottom", fontsize=7)
+        a1.text(i + w / 2, gg, f"{gg:.0f}", ha="center", va="bottom", fontsize=7)
+    a1.set_xticks(list(x), [n.replace(" ", "\n", 2) for n in names], fontsize=7)
+    a1.set_ylabel("MiB above RSS after imports")
+    a1.set_title("stories110m load: memory (median of fresh processes)")
+    a1.legend(fontsize=8)
+    t = [med[n]["seconds"] for n in names]
+    a2.bar(list(x), t, color=["#264653" if n.startswith("stock") else "#e76f51" for n in names])
+    for i, v in enumerate(t):
+        a2.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+    a2.set_xticks(list(x), [n.replace(" ", "\n", 2) for n in names], fontsize=7)
+    a2.set_ylabel("seconds (load_program + load_method)")
+    a2.set_title("load time")
+    _save(fig, "load.png")
+
+
+# ================================================================================ decode
+
+
+def case_decode(ctx: Ctx) -> List[Result]:
+    """Decode tokens/s, stock + static against shim + lazy, lockstep in one process."""
+    C = "decode"
+    rows: List[Result] = []
+    plot = {}
+    for model, st, lz, blocks, steps, floor in (
+        ("tiny", ctx.tiny(4096, False), ctx.tiny(4096, True), 9, 32, 0.95),
+        (S110, ctx.s110(2048, False), ctx.s110(2048, True), 7, 8, 0.98),
+    ):
+        if ctx.quick:
+            blocks = 5
+        if not (st.exists and lz.exists):
+            rows += _missing(C, [st, lz])
+            continue
+        log(f"decode: {model} ({blocks} blocks of {steps} lockstep steps per context)")
+        out = worker("decode", static=str(st.path), lazy=str(lz.path), contexts=[64, 2048],
+                     blocks=blocks, steps=steps, max_context=st.max_context).out
+        diff = 0.0
+        for c, r in out.items():
+            b = r["blocks"]
+            ratio = MED(x["ratio"] for x in b)
+            s_tps, l_tps = MED(x["static_tps"] for x in b), MED(x["lazy_tps"] for x in b)
+            where = f"context {c} (positions {r['start']}-{r['end'] - 1})"
+            rows += [
+                row(C, f"{model} {where}: stock + static", s_tps, "tok/s", note=f"median of {len(b)}"),
+                row(C, f"{model} {where}: shim + lazy", l_tps, "tok/s"),
+                row(C, f"{model} context {c}: decode speed shim+lazy / stock+static", ratio, "x", ">=", floor,
+                    note=f"median of {len(b)} lockstep blocks of {r['steps']} steps, range "
+                         f"{min(x['ratio'] for x in b):.3f}-{max(x['ratio'] for x in b):.3f}; "
+                         f"median per-step ratio {r['step_ratio_median']:.3f}"),
+            ]
+            diff = max(diff, r["max_abs_diff"])
+            plot[(model, c)] = (s_tps, l_tps, ratio)
+        rows.append(row(C, f"{model}: logits max |lazy - static| over all calls", diff, "", "==", 0.0))
+    if plot:
+        _plot_decode(plot)
+    return rows
+
+
+def _plot_decode(plot) -> None:
+    plt = _plt()
+    models = list(dict.fromkeys(m for m, _ in plot))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.3), squeeze=False)
+    w = 0.38
+    for ax, model in zip(axes[0], models):
+        keys = [k for k in plot if k[0] == model]
+        for i, k in enumerate(keys):
+            s, l, r = plot[k]
+            ax.bar(i - w / 2, s, w, color="#264653", label="stock runtime + static" if i == 0 else None)
+            ax.bar(i + w / 2, l, w, color="#e76f51", label="lazykv shim + lazy" if i == 0 else None)
+            ax.text(i, max(s, l) * 1.02, f"paired ratio {r:.3f}x", ha="center", fontsize=8)
+        ax.set_xticks(range(len(keys)), [f"context {c}" for _, c in keys])
+        ax.set_ylabel("decode tokens/s (median of blocks)")
+        ax.set_ylim(0, max(max(plot[k][:2]) for k in keys) * 1.15)
+        ax.set_title(f"{model}: decode speed", fontsize=10)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle("Lockstep pairs in one process; ratio = median over blocks of (static s / lazy s)", fontsize=9)
+    _save(fig, "decode.png")
+
+
+# ================================================================================ policies
+
+POLICIES = ["doubling", "step:256", "hybrid", "hybrid:start=256,linear_after=4MiB,increment=2MiB",
+            "preallocate"]
+
+
+def case_policies(ctx: Ctx) -> List[Result]:
+    """KV bytes held against positions filled, every growth policy, tiny lazy 4096."""
+    C = "policies"
+    art = ctx.tiny(4096, True)
+    if not art.exists:
+        return _missing(C, [art])
+    chunk = 64 if ctx.quick else 32
+    out = worker("policies", lazy=str(art.path), policies=POLICIES, max_tokens=4096, chunk=chunk).out
+    rows: List[Result] = []
+    for spec in POLICIES:
+        r = out[spec]
+        bpp, bound = r["bytes_per_position"], r["max_positions"]
+        tr = r["trace"]
+        caps = [(n, cap) for n, _, cap in tr]
+        at_load = tr[0][1]
+        ratios = [b / (n * bpp) for n, b, _ in tr if n > 0]
+        short = spec.split(":")[0] if spec != POLICIES[3] else "hybrid (scaled)"
+        if spec == "preallocate":
+            rows.append(row(C, f"{short}: KV bytes of a new session", at_load, "B", "==", bound * bpp,
+                            target=f"== bound ({bound * bpp:,})"))
+            rows.append(row(C, f"{short}: min capacity / bound over the run",
+                            min(c for _, c in caps) / bound, "x", "==", 1.0))
+        else:
+            rows.append(row(C, f"{short}: KV bytes of a new session", at_load, "B", "==", 0))
+        if spec == "doubling":
+            worst = max(c / max(16, 2 * n) for n, c in caps if n > 0)
+            rows.append(row(C, "doubling: max capacity / max(16, 2n)", worst, "x", "<=", 1.0))
+        elif spec.startswith("step"):
+            worst = max(c - n for n, c in caps if n > 0)
+            rows.append(row(C, "step:256: max (capacity - n)", worst, "positions", "<=", 256))
+        elif spec.startswith("hybrid"):
+            p = r["params"]
+            inc = -(-p["increment"] // bpp)
+            worst = max(c / max(p["start"], 2 * n, n + inc) for n, c in caps if n > 0)
+            rows.append(row(C, f"{short}: max capacity / max(start, 2n, n + increment)", worst, "x", "<=", 1.0))
+        rows.append(row(C, f"{short}: mean held / ideal over 1-4096 tokens", statistics.fmean(ratios), "x"))
+        rows.append(row(C, f"{short}: allocator events (allocations + grows, per buffer) to 4096 tokens",
+                        r["grow_events"], "events", note=f"{_mib(r['bytes_copied']):.1f} MiB copied"))
+    _plot_policies(out, chunk)
+    _write_policies_csv(out)
+    return rows
+
+
+def _write_policies_csv(out) -> None:
+    """Every point of every policy: positions, bytes held, capacity, ideal, held / ideal."""
+    lines = ["policy,positions,bytes_held,capacity_positions,ideal_bytes,held_over_ideal"]
+    for spec in POLICIES:
+        r = out[spec]
+        for n, b, cap in r["trace"]:
+            ideal = n * r["bytes_per_position"]
+            ratio = f"{b / ideal:.4f}" if ideal else ""
+            lines.append(f"\"{r['policy']}\",{n},{b},{cap},{ideal},{ratio}")
+    (RESULTS / "policies.csv").write_text("\n".join(lines) + "\n")
+
+
+def _policy_label(spec: str) -> str:
+    """``hybrid:linear_after=4194304,increment=2097152`` -> ``hybrid:linear_after=4MiB, increment=2MiB``."""
+    import re
+
+    def mib(m):
+        v = int(m.group(0))
+        return f"{v >> 20}MiB" if v >= MIB and v % MIB == 0 else m.group(0)
+
+    return re.sub(r"\d{7,}", mib, spec).replace(",", ", ")
+
+
+def _plot_policies(out, chunk) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(2, 3, figsize=(14, 8))
+    colors = ["#e76f51", "#2a9d8f", "#264653", "#8ab17d", "#9b5de5"]
+    ratio_ax = axes[1][2]
+    for ax, spec, col in zip(axes.flat, POLICIES, colors):
+        r = out[spec]
+        bpp = r["bytes_per_position"]
+        n = [t[0] for t in r["trace"]]
+        # trace point (n, bytes): after filling n positions; that capacity served (n_prev, n].
+        ax.step(n, [_mib(t[1]) for t in r["trace"]], where="pre", color=col, lw=2, label="held")
+        ax.plot(n, [_mib(x * bpp) for x in n], "k--", lw=1, label="ideal (bytes/position x positions)")
+        ax.set_title(_policy_label(r["policy"]), fontsize=9)
+        ax.set_xlabel("positions filled")
+        ax.set_ylabel("KV storage (MiB)")
+        ax.text(0.02, 0.85, f"{r['grow_events']} allocator events, {_mib(r['bytes_copied']):.0f} MiB copied",
+                transform=ax.transAxes, va="top", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+        ratio_ax.plot(n[1:], [t[1] / (t[0] * bpp) for t in r["trace"][1:]], color=col, label=_policy_label(r["policy"]))
+    ratio_ax.axhline(1.0, color="k", ls="--", lw=1)
+    ratio_ax.set_xscale("log", base=2)
+    ratio_ax.set_yscale("log")
+    ratio_ax.set_xlabel("positions filled (log)")
+    ratio_ax.set_ylabel("held / ideal")
+    ratio_ax.set_title("held / ideal, all policies", fontsize=9)
+    ratio_ax.legend(fontsize=7)
+    fig.suptitle(f"KV bytes held against positions filled: tiny Llama, lazy, max context 4096, "
+                 f"{out[POLICIES[0]]['bytes_per_position']} B/position, calls of {chunk} tokens")
+    _save(fig, "policies.png")
+
+
+# ================================================================================ transient
+
+
+def case_transient(ctx: Ctx) -> List[Result]:
+    """One doubling grow event, stories110m lazy 2048, 1024 -> 2048 positions."""
+    C = "transient"
+    art = ctx.s110(2048, True)
+    if not art.exists:
+        return _missing(C, [art])
+    r = worker("transient", lazy=str(art.path), fill=1024).out
+    bound = r["buffer_old"] + r["buffer_new"]
+    over = r["tracked_peak"] - r["committed_after"]
+    rss_over = r["rss_peak_grow_call"] - r["rss_peak_plain_call"]
+    rows = [
+        row(C, "KV committed before the grow (1024 positions)", _mib(r["committed_before"]), "MiB"),
+        row(C, "KV committed after the grow (2048 positions)", _mib(r["committed_after"]), "MiB"),
+        row(C, "allocator peak during the grow - committed after", _mib(over), "MiB", "<=", _mib(bound),
+            target=f"<= {_mib(bound):.0f} (one buffer old + new)"),
+        row(C, "allocator peak / committed after", r["tracked_peak"] / r["committed_after"], "x",
+            note=f"whole cache twice would be {(r['committed_before'] + r['committed_after']) / r['committed_after']:.2f}x"),
+        row(C, "process peak RSS, growing call - plain call", _mib(rss_over), "MiB", "<=", _mib(bound),
+            target=f"<= {_mib(bound):.0f} (one buffer old + new)",
+            note="pages are touched only where written"),
+    ]
+    _plot_transient(r)
+    return rows
+
+
+def _plot_transient(r) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ev = [e for e in r["events"] if e["kind"] == "grow"]
+    xs, committed, peak = [0], [_mib(r["committed_before"])], [_mib(r["committed_before"])]
+    for i, e in enumerate(ev, 1):
+        before = e["current"] - (e["new"] - e["old"])
+        xs.append(i)
+        peak.append(_mib(before + e["new"]))  # old and new both live during the copy
+        committed.append(_mib(e["current"]))
+    ax.step(xs, committed, where="post", color="#2a9d8f", label="committed (allocator)")
+    ax.plot(xs[1:], peak[1:], "o", color="#e76f51", label="transient while copying one buffer")
+    ax.axhline(_mib(r["committed_before"] + r["committed_after"]), color="grey", ls=":",
+               label="whole cache twice (old + new at once)")
+    ax.axhline(_mib(r["committed_after"] + r["buffer_old"] + r["buffer_new"]), color="k", ls="--", lw=1,
+               label="target: committed + one buffer old + new")
+    ax.set_xlabel(f"buffers grown (of {r['buffers']}), one at a time")
+    ax.set_ylabel("KV bytes (MiB)")
+    ax.set_title(f"Grow event {r['fill']} -> {2 * r['fill']} positions (stories110m lazy, doubling); "
+                 f"RSS peak over a plain call: {_mib(r['rss_peak_grow_call'] - r['rss_peak_plain_call']):.1f} MiB",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, "transient.png")
+
+
+# ================================================================================ multimethod
+
+
+def case_multimethod(ctx: Ctx) -> List[Result]:
+    """Resident memory after one method and after both, XNNPACK weight cache off / on."""
+    C = "multimethod"
+    rows: List[Result] = []
+    reps = 1 if ctx.quick else 2
+    plot = {}
+    setups = [("8 x Linear(2048, 2048)", Art(kind="linear2"),
+               {"prefill": ["randn", [16, 2048]], "decode": ["randn", [1, 2048]]})]
+    mm = Art("llama", S110, 2048, True, ("prefill", "decode"))
+    if supports_methods() and mm.exists:
+        setups.append(("stories110m prefill/decode", mm,
+                       {"prefill": ["tokens", 16, 0], "decode": ["tokens", 1, 16]}))
+    else:
+        if not supports_methods():
+            why = "not measured: `lazykv export --methods` is not available yet"
+        elif mm.failed_path.exists():
+            why = "export failed: " + mm.failed_path.read_text().strip().splitlines()[-1][:160]
+        else:
+            why = "program missing"
+        rows.append(Result("stories110m prefill/decode: both / one method, cache on", None, "x",
+                           "<= 1.05", None, C, why))
+    for label, art, inputs in setups:
+        if not art.exists:
+            rows += _missing(C, [art])
+            continue
+        got = {"off": [], "on": [], "default": []}
+        for _ in range(reps):
+            for mode in got:
+                got[mode].append(worker("multimethod", path=str(art.path), mode=mode,
+                                        methods=["prefill", "decode"], inputs=inputs).out)
+        res = {}
+        for mode in ("off", "on"):
+            outs = got[mode]
+            if not all(o["took_effect"] for o in outs):
+                rows.append(Result(f"{label}: cache {mode}", None, "", None, None, C,
+                                   "weight cache could not be switched (native helper unavailable)"))
+            one = MED(o["points"]["prefill"] for o in outs)
+            both = MED(o["points"]["decode"] for o in outs)
+            res[mode] = (one, both, MED(o["load_s"]["decode"] for o in outs))
+            rows.append(row(C, f"{label}, cache {mode}: resident after one method", _mib(one), "MiB",
+                            note=f"after both {_mib(both):.0f} MiB; median of {len(outs)}"))
+        rows.append(row(C, f"{label}: both / one method, cache off (stock default)",
+                        res["off"][1] / res["off"][0], "x", note="DESIGN fact 7: 1.96x"))
+        rows.append(row(C, f"{label}: both / one method, cache on", res["on"][1] / res["on"][0], "x", "<=", 1.05))
+        dflt = MED(o["points"]["decode"] for o in got["default"])
+        rows.append(row(C, f"{label}: runtime_shim.load() defaults, both methods / one method (cache on)",
+                        dflt / res["on"][0], "x", "<=", 1.05,
+                        note=f"load() set weight_cache={got['default'][0]['shim_weight_cache']}"))
+        rows.append(row(C, f"{label}: second method load time, cache on / off",
+                        res["on"][2] / res["off"][2], "x",
+                        note=f"{res['on'][2] * 1e3:.0f} vs {res['off'][2] * 1e3:.0f} ms"))
+        plot[label] = res
+    if plot:
+        _plot_multimethod(plot)
+    return rows
+
+
+def _plot_multimethod(plot) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(plot), figsize=(5.5 * len(plot), 4.2), squeeze=False)
+    for ax, (label, res) in zip(axes[0], plot.items()):
+        w = 0.38
+        for i, mode in enumerate(("off", "on")):
+            one, both, _ = res[mode]
+            ax.bar(i - w / 2, _mib(one), w, color="#8ab17d", label="after first method" if i == 0 else None)
+            ax.bar(i + w / 2, _mib(both), w, color="#e76f51", label="after both methods" if i == 0 else None)
+            ax.text(i + w / 2, _mib(both), f"{both / one:.2f}x", ha="center", va="bottom")
+        ax.set_xticks([0, 1], ["weight cache off\n(stock default)", "weight cache on\n(lazykv)"])
+        ax.set_ylabel("RSS growth from before the program loads (MiB)")
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=8)
+    _save(fig, "multimethod.png")
+
+
+# ================================================================================ sessions
+
+
+def case_sessions(ctx: Ctx) -> List[Result]:
+    """RSS for 1, 2, 4 sessions of 1024 tokens over one stories110m lazy program."""
+    C = "sessions"
+    rows: List[Result] = []
+    art = ctx.s110(2048, True)
+    if art.exists:
+        r = worker("sessions", lazy=str(art.path), counts=[1, 2, 4], tokens=1024).out
+        kv = r["kv_per_session"]
+        warm = r["warm"]
+        rows.append(row(C, "weights + runtime state after load and one warm-up call", _mib(warm), "MiB",
+                        note=f"load alone {_mib(r['loaded']):.0f} MiB"))
+        pts = {}
+        for n, p in r["points"].items():
+            n = int(n)
+            pts[n] = p["rss"]
+            rows.append(row(C, f"{n} session(s) x 1024 tokens: RSS growth over the loaded program / (N x KV)",
+                            (p["rss"] - warm) / (n * kv), "x", "<=", 1.05,
+                            note=f"{_mib(p['rss'] - warm):.0f} MiB for {n} x {_mib(kv):.0f} MiB"))
+            rows.append(row(C, f"{n} session(s): process RSS growth / (weights + N x KV)",
+                            p["rss"] / (warm + n * kv), "x", "<=", 1.05))
+        rows.append(row(C, "after close(): process RSS / RSS before the sessions",
+                        (r["base_rss"] + r["closed"]) / (r["base_rss"] + warm), "x", "<=", 1.05,
+                        note=f"{_mib(r['closed'] - warm):+.1f} MiB"))
+        _plot_sessions(pts, warm, kv, r["closed"])
+    else:
+        rows += _missing(C, [art])
+    tiny = ctx.tiny(4096, True)
+    if tiny.exists:
+        r = worker("interleave", lazy=str(tiny.path), prompt_len=16, new_tokens=32).out
+        rows.append(row(C, "two sessions interleaved: tokens differing from each alone (tiny)",
+                        r["mismatches"], f"of {r['tokens']}", "==", 0))
+    return rows
+
+
+def _plot_sessions(pts, warm, kv, closed) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ns = sorted(pts)
+    ax.plot(ns, [_mib(pts[n]) for n in ns], "o-", color="#e76f51", label="measured process RSS growth")
+    xs = [0] + ns
+    ax.plot(xs, [_mib(warm + n * kv) for n in xs], "k--", label=f"weights + N x KV ({_mib(kv):.0f} MiB each)")
+    ax.plot(xs, [_mib(warm + (n + 1) * kv) for n in xs], ":", color="grey", label="weights + (N+1) x KV")
+    ax.plot([0], [_mib(closed)], "s", color="#2a9d8f", label="after closing every session")
+    ax.set_xlabel("sessions open (1024 tokens each)")
+    ax.set_ylabel("MiB above RSS after imports")
+    ax.set_title("Sessions over one loaded stories110m lazy program")
+    ax.set_xticks(xs)
+    ax.legend(fontsize=8)
+    _save(fig, "sessions.png")
+
+
+# ================================================================================ export
+
+
+def case_export(ctx: Ctx) -> List[Result]:
+    """Export wall time and peak RSS (tiny Llama), static and lazy, measured when each
+    program was built (a subprocess alone on the machine)."""
+    C = "export"
+    rows: List[Result] = []
+    rec = {(a.lazy, a.max_context): a.record() for a in ctx.export_arts()}
+    for (lazy, n), r in sorted(rec.items()):
+        what = f"{'lazy' if lazy else 'static'} {n}"
+        if r is None:
+            rows.append(Result(f"tiny {what}: export", None, "", None, None, C,
+                               "not exported (memory guard or failure; see log)"))
+            continue
+        pinned = f", pinned to 1 CPU beside another export" if r.get("cpus") else ""
+        rows.append(row(C, f"tiny {what}: export wall time", r["wall_seconds"], "s",
+                        note=f"whole process, built {r['built']}{pinned}; "
+                             f"{r.get('cpu_seconds', 0):.0f} s CPU; load average {r.get('loadavg_after', 0):.1f}"))
+        rows.append(row(C, f"tiny {what}: export peak RSS", _mib(r["peak_rss_bytes"]), "MiB"))
+        rows.append(row(C, f"tiny {what}: planned_bytes", r["planned_bytes"], "B"))
+    s4, l4 = rec.get((False, 4096)), rec.get((True, 4096))
+    kv = 16_777_216
+    if s4 and l4:
+        rows.append(row(C, "planned_bytes static 4096 - lazy 4096", s4["planned_bytes"] - l4["planned_bytes"],
+                        "B", ">=", kv, target=f">= {kv:,} (KV bytes)"))
+    for n in (32768, 131072):
+        ln = rec.get((True, n))
+        if l4 and ln:
+            r = ln["planned_bytes"] / l4["planned_bytes"]
+            rows.append(Result(f"planned_bytes lazy {n} / lazy 4096", round(r, 4), "x", "1 +- 0.01",
+                               abs(r - 1) <= 0.01, C))
+    l131 = rec.get((True, 131072))
+    if l131:
+        rows.append(row(C, "export peak RSS, lazy 131072", l131["peak_rss_bytes"] / 1e9, "GB", "<", 1.5))
+        if l4:
+            rows.append(row(C, "export wall time, lazy 131072 / lazy 4096",
+                            l131["wall_seconds"] / l4["wall_seconds"], "x", "<=", 1.2))
+    s32, l32 = rec.get((False, 32768)), rec.get((True, 32768))
+    if s32 and l32:
+        rows.append(row(C, "export peak RSS at 32768, lazy / static", l32["peak_rss_bytes"] / s32["peak_rss_bytes"], "x",
+                        note=f"{_mib(l32['peak_rss_bytes']):.0f} vs {_mib(s32['peak_rss_bytes']):.0f} MiB"))
+        rows.append(row(C, "export wall time at 32768, lazy / static", l32["wall_seconds"] / s32["wall_seconds"], "x"))
+    if any(rec.values()):
+        _plot_export(rec)
+    return rows
+
+
+def _plot_export(rec) -> None:
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.3))
+    for lazy, col, lab in ((False, "#264653", "static (stock export)"), (True, "#e76f51", "--lazy-kv-cache")):
+        pts = sorted((n, r) for (lz, n), r in rec.items() if lz == lazy and r)
+        if not pts:
+            continue
+        ns = [n for n, _ in pts]
+        a1.plot(ns, [r["wall_seconds"] for _, r in pts], "o-", color=col, label=lab)
+        a2.plot(ns, [r["peak_rss_bytes"] / GIB for _, r in pts], "o-", color=col, label=lab)
+        for n, r in pts:
+            a2.annotate(f"{r['peak_rss_bytes'] / GIB:.2f}", (n, r["peak_rss_bytes"] / GIB), fontsize=8,
+                        textcoords="offset points", xytext=(4, 4))
+    if rec.get((True, 131072)):
+        est = Art("llama", "tiny", 131072, False).export_estimate()
+        a2.annotate(f"static 131072: not attempted\n(N x N masks, ~{est / GIB:.0f} GiB est.)",
+                    (131072, 0), textcoords="offset points", xytext=(-150, 60), fontsize=8,
+                    arrowprops=dict(arrowstyle="->", color="grey"))
+    for a in (a1, a2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("max context (positions)")
+        a.legend(fontsize=8)
+    a1.set_ylabel("export wall time (s, whole process)")
+    a2.set_ylabel("export peak RSS (GiB)")
+    a1.set_title("tiny Llama export: wall time")
+    a2.set_title("tiny Llama export: peak RSS")
+    a1.set_ylim(bottom=0)
+    a2.set_ylim(bottom=0)
+    _save(fig, "export.png")
+
+
+CASES = {
+    "load": case_load,
+    "decode": case_decode,
+    "policies": case_policies,
+    "transient": case_transient,
+    "multimethod": case_multimethod,
+    "sessions": case_sessions,
+    "export": case_export,
+}

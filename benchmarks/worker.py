@@ -1,0 +1,466 @@
+"""Measurements that run in a fresh process: ``python -m benchmarks.worker TASK JSON``.
+
+Each task prints one JSON line (its result) on stdout. RSS figures come from
+``/proc/self/status``; "peak during" a step is ``VmHWM`` after the step, with the
+high-water mark reset (``clear_refs`` 5) just before it. Every task imports everything it
+needs first, so import costs never land in a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+
+from benchmarks.common import proc_status, reset_peak_rss
+
+TASKS = {}
+
+
+def task(fn):
+    TASKS[fn.__name__] = fn
+    return fn
+
+
+def _quiet() -> None:
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+
+
+def _runtime():
+    """executorch's runtime with the LLM custom ops registered (DESIGN fact 3); the same
+    imports for the stock and the shim paths."""
+    from lazykv.runtime_shim.program import _runtime as shim_runtime
+
+    return shim_runtime()
+
+
+def _rss() -> int:
+    gc.collect()
+    return proc_status()["VmRSS"]
+
+
+# ------------------------------------------------------------------------------ export
+
+
+@task
+def checkpoints(presets):
+    from lazykv.export import _checkpoint_for
+    from lazykv.models.llama import PRESETS
+
+    for p in presets:
+        _checkpoint_for(PRESETS[p], 0)
+    return {"presets": presets}
+
+
+@task
+def export(art, out):
+    """Export one artifact (see :class:`benchmarks.artifacts.Art`)."""
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # pinned lanes: one thread per CPU
+
+    if art["kind"] == "linear2":
+        return _export_linear2(out)
+    from lazykv.export import ExportConfig, export_model
+    from lazykv.models.llama import PRESETS
+
+    kw = dict(model="llama", max_context=art["max_context"], shape=PRESETS[art["preset"]],
+              lazy_kv_cache=art["lazy"], xnnpack=True, seed=0)
+    if art.get("methods"):
+        kw["methods"] = tuple(art["methods"])
+    cfg = ExportConfig(**kw)
+    with torch.no_grad():
+        rep = export_model(cfg, out)
+    return {
+        "planned_bytes": rep.planned_bytes,
+        "non_const_buffer_sizes": rep.non_const_buffer_sizes,
+        "kv_bytes_at_max_context": rep.kv_bytes_at_max_context,
+        "lazy_buffers": rep.lazy_buffers,
+        "file_bytes": rep.file_bytes,
+        "stage_seconds": rep.stage_seconds,
+        "export_seconds": rep.total_seconds,
+    }
+
+
+LINEAR_LAYERS, LINEAR_WIDTH, LINEAR_PREFILL_ROWS = 8, 2048, 16
+
+
+def _export_linear2(out):
+    """``prefill`` (16 rows) and ``decode`` (1 row) over the same 8 x Linear(2048, 2048),
+    XNNPACK (DESIGN fact 7, issue 6)."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        *[torch.nn.Linear(LINEAR_WIDTH, LINEAR_WIDTH) for _ in range(LINEAR_LAYERS)]
+    ).eval()
+    with torch.no_grad():
+        programs = {
+            "prefill": torch.export.export(model, (torch.randn(LINEAR_PREFILL_ROWS, LINEAR_WIDTH),)),
+            "decode": torch.export.export(model, (torch.randn(1, LINEAR_WIDTH),)),
+        }
+    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
+    et = edge.to_executorch()
+    tmp = out + f".tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        et.write_to_file(f)
+    os.replace(tmp, out)
+    return {"planned_bytes": 0, "file_bytes": os.path.getsize(out),
+            "export_seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------ load
+
+
+@task
+def load(mode, path, cache_dir=None, method="forward"):
+    """One load in this fresh process. ``stock``: ``Runtime.load_program(path)`` +
+    ``load_method``; ``shim``: ``lazykv.runtime_shim.load(path)`` + the method loaded.
+    RSS figures are above the RSS after imports."""
+    from lazykv import runtime_shim
+
+    rt = _runtime()
+    base = _rss()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    if mode == "stock":
+        prog = rt.load_program(path)
+        m = prog.load_method(method)
+        hit = None
+    else:
+        prog = runtime_shim.load(path, cache_dir=cache_dir)
+        m = prog._method(method)  # the shim loads methods on first use; load it now
+        hit = prog.cache_hit
+    seconds = time.perf_counter() - t0
+    st = proc_status()
+    after = _rss()
+    return {"seconds": seconds, "base_rss": base, "growth": after - base,
+            "peak_during": st["VmHWM"] - base, "cache_hit": hit, "alive": m is not None}
+
+
+# ------------------------------------------------------------------------------ decode
+
+
+def _chunk(prog, method="forward") -> int:
+    """Longest token chunk one call takes (export_llm's bound is max_seq_len - 1)."""
+    return int(prog.method_info(method).inputs[0].sizes[1])
+
+
+def _argmax(logits):
+    return int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+
+
+@task
+def decode(static, lazy, contexts, blocks, steps, max_context, seed=0):
+    """Stock runtime + static program against shim + lazy program, in lockstep.
+
+    Both get the same prompt (prefilled in chunks of ``max_seq_len``) and then decode
+    the same greedy tokens (the static program's argmax); each step times the two calls
+    back to back, alternating which goes first. A block is ``steps`` steps; its ratio is
+    (static seconds) / (lazy seconds), i.e. lazy tokens/s over static tokens/s.
+    """
+    import torch
+    from lazykv import runtime_shim
+
+    torch.manual_seed(seed)
+    rt = _runtime()
+    sm = rt.load_program(static).load_method("forward")
+    lp = runtime_shim.load(lazy, policy="doubling")
+    max_seq_len = _chunk(lp)
+
+    def run_static(tokens, pos):
+        return sm.execute([tokens, torch.tensor([pos], dtype=torch.long)])[0]
+
+    out = {}
+    for ctx in contexts:
+        start = min(ctx, max_context - blocks * steps - 2)  # 2 untimed warm-up steps
+        vocab = None
+        with lp.session() as sess:
+            prompt = torch.randint(0, 1000, (1, start), dtype=torch.long)
+            pos = 0
+            while pos < start:
+                n = min(max_seq_len, start - pos)
+                chunk = prompt[:, pos:pos + n].contiguous()
+                ls = run_static(chunk, pos)
+                ll = sess.run("forward", [chunk, torch.tensor([pos], dtype=torch.long)])[0]
+                pos += n
+            diff = float((ls - ll).abs().max())
+            tok = _argmax(ls)
+            # warm-up: 2 steps each, not timed
+            st_times, la_times = [], []
+            for step in range(blocks * steps + 2):
+                x = torch.tensor([[tok]], dtype=torch.long)
+                p = torch.tensor([pos], dtype=torch.long)
+                if step % 2 == 0:
+                    t0 = time.perf_counter(); ls = sm.execute([x, p])[0]; t1 = time.perf_counter()
+                    ll = sess.run("forward", [x, p])[0]; t2 = time.perf_counter()
+                    ts, tl = t1 - t0, t2 - t1
+                else:
+                    t0 = time.perf_counter(); ll = sess.run("forward", [x, p])[0]; t1 = time.perf_counter()
+                    ls = sm.execute([x, p])[0]; t2 = time.perf_counter()
+                    tl, ts = t1 - t0, t2 - t1
+                diff = max(diff, float((ls - ll).abs().max()))
+                tok = _argmax(ls)
+                pos += 1
+                if step >= 2:
+                    st_times.append(ts)
+                    la_times.append(tl)
+            blk = []
+            for b in range(blocks):
+                s = sum(st_times[b * steps:(b + 1) * steps])
+                l = sum(la_times[b * steps:(b + 1) * steps])
+                blk.append({"static_tps": steps / s, "lazy_tps": steps / l, "ratio": s / l})
+            per_step = sorted(s / l for s, l in zip(st_times, la_times))
+            out[str(ctx)] = {"start": start, "end": pos, "blocks": blk, "max_abs_diff": diff,
+                             "kv_bytes": sess.kv_bytes, "steps": steps,
+                             "step_ratio_median": per_step[len(per_step) // 2]}
+    return out
+
+
+# ------------------------------------------------------------------------------ policies
+
+
+@task
+def policies(lazy, policies, max_tokens, chunk):
+    """KV bytes held against positions filled, for each growth policy (one session each)."""
+    import torch
+    from lazykv import runtime_shim
+
+    _runtime()
+    out = {}
+    for spec in policies:
+        prog = runtime_shim.load(lazy, policy=spec)
+        prog._method("forward")
+        with prog.session() as s:
+            trace = [(0, s.kv_bytes, s.capacity)]
+            pos = 0
+            tokens = torch.randint(0, 1000, (1, chunk), dtype=torch.long)
+            while pos + chunk <= max_tokens:
+                s.run("forward", [tokens, torch.tensor([pos], dtype=torch.long)])
+                pos += chunk
+                trace.append((pos, s.kv_bytes, s.capacity))
+            st = s.stats
+            out[spec] = {
+                "trace": trace,
+                "bytes_per_position": st.bytes_per_position,
+                "max_positions": st.max_positions,
+                "grow_events": st.grow_events,
+                "bytes_copied": st.bytes_copied,
+                "peak_bytes": st.peak_bytes,
+                "policy": prog.policy.spec(),
+                "params": dataclasses.asdict(prog.policy),
+            }
+        del prog
+        gc.collect()
+    return out
+
+
+# ------------------------------------------------------------------------------ transient
+
+
+@task
+def transient(lazy, fill):
+    """One doubling grow event at ``fill`` positions (capacity ``fill`` -> ``2 fill``):
+    the allocator's peak over committed bytes, and the process's peak RSS during the
+    growing call against an identical call that does not grow."""
+    import torch
+    from lazykv import runtime_shim
+
+    _runtime()
+    prog = runtime_shim.load(lazy, policy="doubling")
+    prog._method("forward")
+    max_seq_len = _chunk(prog)
+    s = prog.session()
+    one = torch.tensor([[1]], dtype=torch.long)
+    pos = 0
+    while pos < fill - 1:
+        n = min(max_seq_len, fill - 1 - pos)
+        s.run("forward", [torch.randint(0, 1000, (1, n)), torch.tensor([pos])])
+        pos += n
+    s.run("forward", [one, torch.tensor([pos])])  # a one-token call that fits: warms that path
+    pos += 1
+    assert s.capacity == fill, (s.capacity, fill)
+    alloc = s._alloc
+    before = s.stats
+    committed_before = before.current_bytes
+    buf_bytes_old = committed_before // max(1, len(prog.buffers))
+    alloc.peak_bytes = alloc.current_bytes
+    n_events = len(alloc.events)
+    rss0 = _rss()
+    reset_peak_rss()
+    s.run("forward", [one, torch.tensor([pos])])
+    hwm_grow = proc_status()["VmHWM"] - rss0
+    pos += 1
+    after = s.stats
+    events = [dict(kind=e.kind, old=e.old_bytes, new=e.new_bytes, current=e.current_bytes)
+              for e in alloc.events[n_events:]]
+    tracked_peak = alloc.peak_bytes
+    # control: the same call, no growth
+    rss1 = _rss()
+    reset_peak_rss()
+    s.run("forward", [one, torch.tensor([pos])])
+    hwm_ctrl = proc_status()["VmHWM"] - rss1
+    rss_committed_after = _rss() - rss0
+    s.close()
+    return {
+        "fill": fill,
+        "buffers": len(prog.buffers),
+        "committed_before": committed_before,
+        "committed_after": after.current_bytes,
+        "tracked_peak": tracked_peak,
+        "buffer_old": buf_bytes_old,
+        "buffer_new": after.current_bytes // max(1, len(prog.buffers)),
+        "events": events,
+        "rss_peak_grow_call": hwm_grow,
+        "rss_peak_plain_call": hwm_ctrl,
+        "rss_growth_after": rss_committed_after,
+        "filled_bytes": fill * before.bytes_per_position,
+    }
+
+
+# ------------------------------------------------------------------------------ multimethod
+
+
+@task
+def multimethod(path, mode, methods, inputs):
+    """Resident memory of a two-method program, from RSS before the program loads.
+
+    ``off``/``on``: XNNPACK's weight cache switched before any method loads, then the
+    methods loaded and run one at a time (a point after each). The shim loads every
+    method of a multi-method program inside ``load()`` (that is its design: the cache
+    setting must be in force while they load), so here method loading is deferred to
+    see the one-method point. ``default``: plain ``runtime_shim.load(path)``, both
+    methods run; shows what users get. ``inputs[name]`` is ``["randn", shape]`` or
+    ``["tokens", length, pos]``.
+    """
+    import torch
+    from lazykv import runtime_shim
+    from lazykv.runtime_shim import weight_cache
+    from lazykv.runtime_shim.program import LazyProgram
+
+    _runtime()
+    gen = torch.Generator().manual_seed(1)
+    base = _rss()
+    took = None
+    if mode == "default":
+        prog = runtime_shim.load(path)
+    else:
+        took = weight_cache.enable(mode == "on")
+        real = LazyProgram._method
+        LazyProgram._method = lambda self, name: None  # defer method loading
+        try:
+            prog = runtime_shim.load(path, weight_cache=(mode == "on"))
+        finally:
+            LazyProgram._method = real
+    sess = prog.session()
+    points, load_s = {"loaded": _rss() - base}, {}
+    for name in methods:
+        spec = inputs[name]
+        if spec[0] == "randn":
+            args = [torch.randn(*spec[1], generator=gen)]
+        else:
+            args = [torch.randint(0, 1000, (1, spec[1]), generator=gen), torch.tensor([spec[2]])]
+        t0 = time.perf_counter()
+        prog._method(name)
+        load_s[name] = time.perf_counter() - t0
+        sess.run(name, args)
+        # KV storage the session allocated is not weights: leave it out.
+        points[name] = _rss() - base - sess.kv_bytes
+    return {"mode": mode, "took_effect": took, "points": points, "load_s": load_s,
+            "cache_enabled_now": weight_cache.is_enabled(),
+            "shim_weight_cache": getattr(prog, "weight_cache", None)}
+
+
+# ------------------------------------------------------------------------------ sessions
+
+
+@task
+def sessions(lazy, counts, tokens):
+    """RSS with 1, 2, 4 sessions of ``tokens`` positions each over one loaded program."""
+    import torch
+    from lazykv import runtime_shim
+
+    _runtime()
+    base = _rss()
+    prog = runtime_shim.load(lazy, policy="doubling")
+    prog._method("forward")
+    loaded = _rss() - base
+    max_seq_len = _chunk(prog)
+    # Warm the decode path (XNNPACK workspace, first-call allocations), then give it back.
+    with prog.session() as w:
+        w.run("forward", [torch.randint(0, 1000, (1, max_seq_len)), torch.tensor([0])])
+    warm = _rss() - base
+    open_sessions, points = [], {}
+    for n in sorted(counts):
+        while len(open_sessions) < n:
+            s = prog.session()
+            pos = 0
+            while pos < tokens:
+                k = min(max_seq_len, tokens - pos)
+                s.run("forward", [torch.randint(0, 1000, (1, k)), torch.tensor([pos])])
+                pos += k
+            open_sessions.append(s)
+        points[str(n)] = {"rss": _rss() - base, "kv_bytes": sum(s.kv_bytes for s in open_sessions)}
+    for s in open_sessions:
+        s.close()
+    open_sessions.clear()
+    closed = _rss() - base
+    return {"base_rss": base, "loaded": loaded, "warm": warm, "points": points, "closed": closed,
+            "kv_per_session": tokens * prog.bytes_per_position}
+
+
+@task
+def interleave(lazy, prompt_len, new_tokens, seed=0):
+    """Two sessions decoding greedily, alone and then interleaved token by token."""
+    import torch
+    from lazykv import runtime_shim
+
+    _runtime()
+    prog = runtime_shim.load(lazy)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 1000, (1, prompt_len), generator=gen) for _ in range(2)]
+
+    def start(s, prompt):
+        return _argmax(s.run("forward", [prompt, torch.tensor([0])])[0])
+
+    def step(s, tok):
+        return _argmax(s.run("forward", [torch.tensor([[tok]]), torch.tensor([s.offset])])[0])
+
+    alone = []
+    for p in prompts:
+        with prog.session() as s:
+            toks = [start(s, p)]
+            for _ in range(new_tokens - 1):
+                toks.append(step(s, toks[-1]))
+            alone.append(toks)
+    a, b = prog.session(), prog.session()
+    inter = [[start(a, prompts[0])], [start(b, prompts[1])]]
+    for _ in range(new_tokens - 1):
+        inter[0].append(step(a, inter[0][-1]))
+        inter[1].append(step(b, inter[1][-1]))
+    a.close(), b.close()
+    mism = sum(x != y for i in range(2) for x, y in zip(alone[i], inter[i]))
+    return {"mismatches": mism, "tokens": 2 * new_tokens}
+
+
+def main(argv):
+    _quiet()
+    name, args = argv[0], json.loads(argv[1]) if len(argv) > 1 else {}
+    result = TASKS[name](**args)
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    # Skip interpreter teardown (the runtime's destructors can be slow).
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
