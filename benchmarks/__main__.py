@@ -37,8 +37,8 @@ def parse(argv):
     ap.add_argument("cases", nargs="+", metavar="CASE", choices=["all", *CASE_ORDER],
                     help="'all' or one or more of: " + ", ".join(CASE_ORDER))
     ap.add_argument("--full", action="store_true",
-                    help="also export and load stories110m static 8192 and lazy 131072 "
-                         "(adds about 8 minutes and 5.5 GB of peak RSS)")
+                    help="also export and load stories110m static 8192 and lazy 131072 (their "
+                         "exports peak near 5.5 GB and 12 GB; several more minutes)")
     ap.add_argument("--reps", type=int, default=5,
                     help="fresh-process repeats of the 2048 load comparison (default 5, min 5)")
     ap.add_argument("--quick", action="store_true",
@@ -46,7 +46,8 @@ def parse(argv):
     ap.add_argument("--rebuild", action="store_true",
                     help="re-export the export case's programs even if cached, to re-time them")
     ap.add_argument("--jobs", type=int, default=2,
-                    help="concurrent exports of the untimed programs (default 2)")
+                    help="export lanes, each pinned to one CPU (default 2); 1 = one export at a "
+                         "time, unpinned")
     return ap.parse_args(argv)
 
 

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "benchmarks"
-CACHE = BENCH / "cache"
-RESULTS = BENCH / "results"
+CACHE = ROOT / "benchmarks" / "cache"
+RESULTS = ROOT / "benchmarks" / "results"
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -76,13 +75,14 @@ def check(value: Optional[float], op: str, bound: float) -> Optional[bool]:
 
 def row(case: str, name: str, value, unit: str, op: Optional[str] = None, bound=None,
         note: str = "", target: Optional[str] = None) -> Result:
-    """A :class:`Result`; with ``op``/``bound`` the target is checked here."""
+    """A :class:`Result`; with ``op``/``bound`` the target is checked here (on the
+    unrounded value)."""
+    holds = check(value, op, bound) if op is not None else None
+    if op is not None and target is None:
+        target = f"{op} {_fmt_bound(bound)}"
     if isinstance(value, float):
         value = round(value, 4)
-    if op is not None:
-        shown = target or f"{op} {_fmt_bound(bound)}"
-        return Result(name, value, unit, shown, check(value, op, bound), case, note)
-    return Result(name, value, unit, target, None, case, note)
+    return Result(name, value, unit, target, holds, case, note)
 
 
 def _fmt_bound(b) -> str:
@@ -217,7 +217,8 @@ def markdown(rows: List[dict], meta: dict) -> str:
                      f"(above 2 means other work shared the 2 CPUs)")
     lines.append("")
     if meta.get("cases"):
-        stale = {c: d for c, d in meta["cases"].items() if d != meta["date"] or "quick" in d}
+        current = {meta["date"], (meta.get("full_run") or {}).get("date")}
+        stale = {c: d for c, d in meta["cases"].items() if d not in current}
         if stale:
             lines += ["Rows of some cases come from other runs (date, --quick): "
                       + ", ".join(f"{c} ({d})" for c, d in sorted(stale.items())), ""]
@@ -301,10 +302,6 @@ def reset_peak_rss() -> bool:
 # ---------------------------------------------------------------------------- subprocesses
 
 
-def python() -> str:
-    return sys.executable
-
-
 def child_env() -> dict:
     env = dict(os.environ)
     env.setdefault("LAZYKV_CACHE_DIR", str(CACHE / "lazykv"))
@@ -322,8 +319,7 @@ class ChildRun:
     cpu_seconds: float = 0.0  # user + system time of the child (wait4)
 
 
-def run_child(args: Sequence[str], timeout: float = 1800, expect_json: bool = True,
-              cpus: Optional[set] = None) -> ChildRun:
+def run_child(args: Sequence[str], timeout: float = 1800, cpus: Optional[set] = None) -> ChildRun:
     """Run ``python args...`` from the repo root; the last JSON line of stdout is the result.
 
     Wall time is the subprocess's; peak RSS is the child's own ``ru_maxrss`` from
@@ -331,7 +327,7 @@ def run_child(args: Sequence[str], timeout: float = 1800, expect_json: bool = Tr
     """
     import tempfile
 
-    cmd = [python(), *args]
+    cmd = [sys.executable, *args]
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         t0 = time.perf_counter()
         env = child_env()
@@ -358,14 +354,13 @@ def run_child(args: Sequence[str], timeout: float = 1800, expect_json: bool = Tr
     if p.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd[1:5])} ...` exited {p.returncode}:\n{stderr[-4000:]}")
     out = None
-    if expect_json:
-        for line in reversed(stdout.strip().splitlines()):
-            line = line.strip()
-            if line.startswith("{") or line.startswith("["):
-                out = json.loads(line)
-                break
-        if out is None:
-            raise RuntimeError(f"no JSON from {' '.join(args[:4])}:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{") or line.startswith("["):
+            out = json.loads(line)
+            break
+    if out is None:
+        raise RuntimeError(f"no JSON from {' '.join(args[:4])}:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     return ChildRun(out, wall, peak, stderr, ru.ru_utime + ru.ru_stime)
 
 
