@@ -60,3 +60,59 @@ class SessionClosed(LazyKVError):
 
 class SessionFileError(LazyKVError):
     """A saved session file is truncated, corrupt, or was made for another program."""
+
+
+class ProgramRejected(InvalidProgram):
+    """The ExecuTorch runtime refused to load a program or one of its methods (e.g. a
+    corrupt delegate blob); the message names the file, the method and ExecuTorch's
+    error code."""
+
+
+class ExecutionFailed(LazyKVError):
+    """The ExecuTorch runtime reported an error while running a method (a kernel check
+    failed); the session is left as it was before the call."""
+
+
+#: ExecuTorch's ``runtime/core/error.h`` codes.
+ET_ERROR_NAMES = {
+    0x01: "Internal", 0x02: "InvalidState", 0x03: "EndOfMethod", 0x04: "AlreadyLoaded",
+    0x10: "NotSupported", 0x11: "NotImplemented", 0x12: "InvalidArgument",
+    0x13: "InvalidType", 0x14: "OperatorMissing", 0x15: "RegistrationExceedingMaxKernels",
+    0x16: "RegistrationAlreadyRegistered", 0x20: "NotFound", 0x21: "MemoryAllocationFailed",
+    0x22: "AccessFailed", 0x23: "InvalidProgram", 0x24: "InvalidExternalData",
+    0x25: "OutOfResources", 0x30: "DelegateInvalidCompatibility",
+    0x31: "DelegateMemoryAllocationFailed", 0x32: "DelegateInvalidHandle",
+}
+
+
+def runtime_error(exc: BaseException, context: str) -> LazyKVError:
+    """A :class:`LazyKVError` for a ``RuntimeError`` raised by ExecuTorch's Python runtime.
+
+    ``context`` says what was being done (``"model.pte: loading method 'forward'"``).
+    Load failures (``Failed to load ...``) become :class:`ProgramRejected`, anything else
+    (``method->execute() failed ...``) :class:`ExecutionFailed`. Use as
+    ``raise runtime_error(e, ctx) from None``.
+    """
+    import re
+
+    text = str(exc)
+    m = re.search(r"error:? ?0x:?([0-9a-fA-F]+)", text)
+    code = int(m.group(1), 16) if m else None
+    name = ET_ERROR_NAMES.get(code, "unknown") if code is not None else None
+    what = f"error 0x{code:02x} ({name})" if code is not None else f"{text[:200]!r}"
+    if "load" in text.lower():
+        return ProgramRejected(
+            f"{context}: the ExecuTorch runtime refused it, {what}. The file is corrupt, "
+            f"needs a backend or operator this runtime lacks, or was exported for another "
+            f"runtime version; run with --debug for ExecuTorch's log"
+        )
+    return ExecutionFailed(
+        f"{context}: the ExecuTorch runtime failed while running it, {what}; a kernel "
+        f"rejected its inputs or the program is corrupt. The session is unchanged; run "
+        f"with --debug for ExecuTorch's log"
+    )
+
+
+class AllocationFailed(LazyKVError):
+    """Growing a session's KV storage failed: the allocator raised (out of memory) or
+    returned storage of the wrong shape, dtype or layout. The session is left as it was."""

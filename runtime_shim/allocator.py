@@ -24,7 +24,9 @@ class DynamicAllocator(abc.ABC):
     (contents undefined); ``reallocate`` returns a new tensor of ``shape`` whose first
     ``keep`` positions along ``axis`` equal ``old``'s, and releases ``old``; ``free``
     releases a tensor. The caller never uses a tensor after passing it to
-    ``reallocate``/``free``.
+    ``reallocate``/``free``, except when ``reallocate`` raises or returns a tensor that
+    breaks this contract: the session then keeps ``old`` (so it must still be intact)
+    and raises :class:`lazykv.errors.AllocationFailed`.
     """
 
     @abc.abstractmethod

@@ -27,9 +27,10 @@ from lazykv.errors import (
     LazyKVError,
     MemoryBudgetExceeded,
     UnknownMethod,
+    runtime_error,
 )
 from lazykv.manifest import LazyBuffer, Manifest
-from lazykv.pte_file import PteFile, open_pte
+from lazykv.pte_file import MethodLimits, PteFile, open_pte, preflight
 from lazykv.runtime_shim import binding
 from lazykv.runtime_shim.allocator import DynamicAllocator, TorchAllocator
 from lazykv.runtime_shim.policy import GrowthPolicy, parse_policy
@@ -175,12 +176,25 @@ class LazyProgram:
         meta = None
         self.cache_hit = None
         if self.digest is not None:
-            # A cached load reads a small sidecar instead of parsing the flatbuffer.
+            # A cached load reads a small sidecar instead of parsing the flatbuffer. The
+            # sidecar is written only after the program passed validation (below); one
+            # without input limits predates it and does not count.
             meta = binding.read_sidecar(cache_dir, self.digest)
+            if meta is not None and "limits" not in meta:
+                meta = None
             if meta is not None:
                 self.cache_hit = True
+        limits = None
         if meta is None:
-            meta = self._fast_rebind(src_path, data, cache_dir)
+            # Nothing reaches the C++ runtime unchecked: ExecuTorch trusts the program's
+            # meaning and aborts the process on much of what a corrupt file holds
+            # (lazykv.pte_file; tests/test_fuzz_pte.py). Raw flatbuffer plus a shape pass:
+            # ~15 ms for the example decoder, ~100 ms for the tiny Llama; first load only.
+            limits = {
+                k: v.as_dict()
+                for k, v in preflight(data if src_path is None else src_path).limits.items()
+            }
+            meta = self._fast_rebind(src_path, data, cache_dir, limits)
         self._resolve_digest()
         if meta is None:
             pte = open_pte(data if src_path is None else src_path)
@@ -209,6 +223,7 @@ class LazyProgram:
                         }
                         for plan in pte.program.execution_plan
                     },
+                    "limits": limits,
                 }
                 binding.write_sidecar(cache_dir, self.digest, meta)
             finally:
@@ -239,9 +254,18 @@ class LazyProgram:
             run_path = str(dest)
         else:
             run_path = src_path
+        self.limits: Dict[str, MethodLimits] = {
+            k: MethodLimits.from_dict(v) for k, v in (meta.get("limits") or {}).items()
+        }
         self.runtime_path = run_path
-        self._et_program = _runtime().load_program(run_path)
+        try:
+            self._et_program = _runtime().load_program(run_path)
+        except RuntimeError as e:
+            raise runtime_error(e, f"{self.source}: loading the program") from None
         self._loaded: Dict[str, Any] = {}
+        # One lock per program: loading a method and every execute (the runtime's
+        # planned arenas are shared by all methods of a program, DESIGN fact 6).
+        self._lock = threading.RLock()
         self.weight_cache: Optional[bool] = None
         runnable = [n for n in self.method_names if self._methods_info[n].inputs]
         if weight_cache is None and len(runnable) > 1:
@@ -264,7 +288,7 @@ class LazyProgram:
         self.load_seconds = time.perf_counter() - t0
         self._sessions_open = 0
 
-    def _fast_rebind(self, src_path, data, cache_dir) -> Optional[dict]:
+    def _fast_rebind(self, src_path, data, cache_dir, limits) -> Optional[dict]:
         """Rebind by patching the flatbuffer bytes (:mod:`.fastpte`); None = use the
         object path."""
         from lazykv.runtime_shim import fastpte
@@ -315,6 +339,7 @@ class LazyProgram:
                 "manifest": manifest.to_json() if manifest is not None else None,
                 "method_names": fp.method_names,
                 "methods": methods,
+                "limits": limits,
             }
         except LazyKVError:
             raise
@@ -356,16 +381,31 @@ class LazyProgram:
         m = self._loaded.get(name)
         if m is None:
             self.method_info(name)
-            m = self._et_program.load_method(name)
-            self._loaded[name] = m
+            with self._lock:
+                m = self._loaded.get(name)
+                if m is None:
+                    try:
+                        m = self._et_program.load_method(name)
+                    except RuntimeError as e:
+                        raise runtime_error(e, f"{self.source}: loading method {name!r}") from None
+                    self._loaded[name] = m
         return m
+
+    def _execute(self, name: str, inputs: list) -> list:
+        """Run method ``name`` on the runtime's inputs, under the program's lock."""
+        m = self._method(name)
+        with self._lock:
+            try:
+                return list(m.execute(inputs))
+            except RuntimeError as e:
+                raise runtime_error(e, f"{self.source}: running method {name!r}") from None
 
     def constant(self, method: str) -> Any:
         """Run a method that takes no inputs (e.g. ``get_vocab_size``) and return its value."""
         info = self.method_info(method)
         if info.inputs:
             raise InvalidInput(f"{method!r} takes {len(info.inputs)} inputs; not a constant")
-        out = self._method(method).execute([])
+        out = self._execute(method, [])
         return out[0] if len(out) == 1 else list(out)
 
     # -- sessions --------------------------------------------------------------------

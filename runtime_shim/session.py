@@ -10,16 +10,19 @@ in the user's inputs before the runtime sees it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from lazykv.errors import (
+    AllocationFailed,
     ContextOverflow,
     InvalidInput,
     LazyKVError,
@@ -76,6 +79,15 @@ class SessionStats:
         return d
 
 
+def _locked(fn):
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__, wrapper.__qualname__ = fn.__name__, fn.__doc__, fn.__qualname__
+    return wrapper
+
+
 class Session:
     """One conversation. Use as a context manager, or call :meth:`close`."""
 
@@ -85,6 +97,8 @@ class Session:
         self._kv: Dict[str, Optional[torch.Tensor]] = {b.fqn: None for b in program.buffers}
         self._filled = 0
         self._closed = False
+        # One call at a time per session (run, trim, reset, save, close).
+        self._lock = threading.RLock()
         if not program.lazy:
             program._sessions_open += 1
             if program._sessions_open > 1:
@@ -159,10 +173,17 @@ class Session:
         """Run ``method`` on the user's ``inputs`` (KV storage is supplied by the session).
 
         Raises :class:`InvalidInput`/:class:`UnknownMethod` for inputs the runtime would
-        mishandle, :class:`ContextOverflow` past the exported bound and
-        :class:`MemoryBudgetExceeded` past ``max_bytes``; all before the runtime is
-        called, leaving the session as it was.
+        mishandle (shapes, dtypes, token ids outside the vocabulary, positions that skip),
+        :class:`ContextOverflow` past the exported bound and :class:`MemoryBudgetExceeded`
+        past ``max_bytes``; all before the runtime is called, leaving the session as it
+        was. :class:`ExecutionFailed` if the runtime itself reports an error (the session
+        is unchanged then too). Safe to call from several threads: one call at a time per
+        session, one execute at a time per program.
         """
+        with self._lock:
+            return self._run(method, inputs)
+
+    def _run(self, method: str, inputs: Sequence) -> List[torch.Tensor]:
         self._check_open()
         prog = self.program
         info = prog.method_info(method)
@@ -173,37 +194,30 @@ class Session:
             )
         inputs = list(inputs)
         _validate(method, info, inputs)
+        limits = prog.limits.get(method)
+        if limits is not None:
+            _check_tokens(method, limits, inputs)
         if not info.uses_lazy:
-            return list(prog._method(method).execute(inputs))
+            # A program without lazy buffers keeps its KV cache inside the runtime; the
+            # graph still says which input is the start position (pte_file.method_limits).
+            span = None
+            if limits is not None and limits.position_input is not None and limits.length_input is not None:
+                bound = limits.max_positions
+                span = self._check_positions(
+                    method, inputs, limits.position_input, limits.position_index,
+                    limits.length_input, limits.length_axis, bound,
+                )
+            out = prog._execute(method, inputs)
+            if span is not None:
+                self._filled = span
+            return out
 
         rule = prog.manifest.fill_rule(method)
-        pos_t = inputs[rule.position_input]
-        length_t = inputs[rule.length_input]
-        if not isinstance(pos_t, torch.Tensor) or pos_t.numel() <= rule.position_index:
-            raise InvalidInput(
-                f"{method}: input {rule.position_input} (the start position) must be a tensor "
-                f"with at least {rule.position_index + 1} element(s)"
-            )
-        if pos_t.dtype.is_floating_point or pos_t.dtype == torch.bool:
-            raise InvalidInput(f"{method}: input {rule.position_input} (positions) must be integer")
-        pos = int(pos_t.reshape(-1)[rule.position_index])
-        length = int(length_t.shape[rule.length_axis])
         bound = min(b.max_positions for b in prog.buffers if b.fqn in info.lazy_fqns)
-        if length < 1:
-            raise InvalidInput(f"{method}: input {rule.length_input} holds no positions (length 0)")
-        if pos != self._filled:
-            raise InvalidInput(
-                f"{method}: call starts at position {pos} but this session has filled "
-                f"{self._filled}; positions must continue at {self._filled} (no gaps). To go "
-                f"back, trim({self._filled - pos if pos < self._filled else 0}) or reset() first"
-            )
-        need = pos + length
-        if need > bound:
-            raise ContextOverflow(
-                f"{method}: positions {pos}..{need - 1} go past the exported bound of {bound} "
-                f"positions ({self._filled} filled, {bound - self._filled} left). Trim or reset "
-                f"the session, or export with a larger max context"
-            )
+        need = self._check_positions(
+            method, inputs, rule.position_input, rule.position_index, rule.length_input,
+            rule.length_axis, bound,
+        )
         self._ensure(need, bound)
         kv = []
         for fqn in info.lazy_fqns:
@@ -219,9 +233,40 @@ class Session:
             ):
                 raise RuntimeError(f"lazykv bug: KV storage of {fqn!r} is not as planned")
             kv.append(t)
-        out = prog._method(method).execute(inputs + kv)
+        out = prog._execute(method, inputs + kv)
         self._filled = need
-        return list(out)
+        return out
+
+    def _check_positions(self, method, inputs, pos_i, pos_k, len_i, len_axis, bound) -> int:
+        """The positions a call fills, after checking they continue this session and
+        stay inside ``bound``; returns the positions filled after the call."""
+        pos_t = inputs[pos_i]
+        length_t = inputs[len_i]
+        if not isinstance(pos_t, torch.Tensor) or pos_t.numel() <= pos_k:
+            raise InvalidInput(
+                f"{method}: input {pos_i} (the start position) must be a tensor "
+                f"with at least {pos_k + 1} element(s)"
+            )
+        if pos_t.dtype.is_floating_point or pos_t.dtype == torch.bool:
+            raise InvalidInput(f"{method}: input {pos_i} (positions) must be integer")
+        pos = int(pos_t.reshape(-1)[pos_k])
+        length = int(length_t.shape[len_axis])
+        if length < 1:
+            raise InvalidInput(f"{method}: input {len_i} holds no positions (length 0)")
+        if pos != self._filled:
+            raise InvalidInput(
+                f"{method}: call starts at position {pos} but this session has filled "
+                f"{self._filled}; positions must continue at {self._filled} (no gaps). To go "
+                f"back, trim({self._filled - pos if pos < self._filled else 0}) or reset() first"
+            )
+        need = pos + length
+        if bound is not None and need > bound:
+            raise ContextOverflow(
+                f"{method}: positions {pos}..{need - 1} go past the exported bound of {bound} "
+                f"positions ({self._filled} filled, {bound - self._filled} left). Trim or reset "
+                f"the session, or export with a larger max context"
+            )
+        return need
 
     __call__ = run
 
@@ -265,17 +310,46 @@ class Session:
                     del old
                 continue
             shape = b.shape_at(p)
-            if old is None:
-                self._kv[b.fqn] = self._alloc.allocate(shape, self.program._dtypes[b.fqn], name=b.fqn)
-            else:
-                keep = min(self._filled, p)
-                # Drop our reference first so the old storage dies inside reallocate.
-                self._kv[b.fqn] = None
-                self._kv[b.fqn] = self._alloc.reallocate(
-                    old, shape, keep=keep, axis=b.growth_axis, name=b.fqn
+            dtype = self.program._dtypes[b.fqn]
+            # Drop our reference first so the old storage dies inside reallocate; put it
+            # back if the allocator fails, so the session keeps its state.
+            self._kv[b.fqn] = None
+            try:
+                if old is None:
+                    new = self._alloc.allocate(shape, dtype, name=b.fqn)
+                else:
+                    new = self._alloc.reallocate(
+                        old, shape, keep=min(self._filled, p), axis=b.growth_axis, name=b.fqn
+                    )
+            except LazyKVError:
+                self._kv[b.fqn] = old
+                raise
+            except Exception as e:  # MemoryError, torch's RuntimeError, mmap's OSError
+                self._kv[b.fqn] = old
+                raise AllocationFailed(
+                    f"growing KV buffer {b.fqn!r} to {p} positions "
+                    f"({b.bytes_per_position * p} bytes) failed ({type(e).__name__}: {e}); "
+                    f"the session is unchanged. Free memory (trim, reset or close sessions) "
+                    f"or set max_bytes"
+                ) from None
+            # A KV tensor of the wrong shape aborts the process in C++ (DESIGN fact 5).
+            if (not isinstance(new, torch.Tensor) or tuple(new.shape) != tuple(shape)
+                    or new.dtype != dtype or not new.is_contiguous() or new.device.type != "cpu"):
+                self._kv[b.fqn] = old
+                if isinstance(new, torch.Tensor):
+                    self._alloc.free(new, name=b.fqn)
+                got = (f"{tuple(new.shape)} {new.dtype} on {new.device}"
+                       f"{'' if new.is_contiguous() else ', not contiguous'}"
+                       if isinstance(new, torch.Tensor) else type(new).__name__)
+                raise AllocationFailed(
+                    f"the allocator {type(self.program.allocator).__name__} returned {got} "
+                    f"for KV buffer {b.fqn!r}; it must return a contiguous CPU tensor "
+                    f"{tuple(shape)} {dtype}. The session is unchanged"
                 )
-                del old
+            self._kv[b.fqn] = new
+            del old
 
+    @_locked
     def reset(self) -> Freed:
         """Forget every position and give the storage back (``preallocate`` keeps its
         bound). Returns what was freed."""
@@ -286,6 +360,7 @@ class Session:
             self._resize(self.program.policy.initial(self.program.max_positions, self.program.bytes_per_position))
         return Freed(n, before - self.kv_bytes)
 
+    @_locked
     def trim(self, n: int) -> Freed:
         """Drop the last ``n`` positions (clamped to those filled) and shrink the storage
         to what the policy holds for the rest (new, smaller tensors). Returns what was freed."""
@@ -301,6 +376,7 @@ class Session:
                 self._resize(target)
         return Freed(n, before - self.kv_bytes)
 
+    @_locked
     def close(self) -> None:
         """Release this session's storage. Idempotent; later use raises SessionClosed."""
         if self._closed:
@@ -326,6 +402,7 @@ class Session:
 
     # -- save / restore ----------------------------------------------------------------
 
+    @_locked
     def save(self, path: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> int:
         """Write the filled prefix of every lazy buffer to ``path``; returns bytes written.
 
@@ -348,6 +425,16 @@ class Session:
                  "growth_axis": b.growth_axis, "offset": offset, "nbytes": nb}
             )
             offset += nb
+        # The payload's sha256 goes in the header, which comes first: hash the prefixes
+        # (views, no copies unless a prefix is not contiguous) before writing.
+        prefixes = []
+        digest = hashlib.sha256()
+        for b in prog.buffers:
+            if self._filled:
+                prefix = self._kv[b.fqn].narrow(b.growth_axis, 0, self._filled).contiguous()
+                view = memoryview(prefix.view(torch.uint8).reshape(-1).numpy())
+                digest.update(view)
+                prefixes.append(view)
         header = json.dumps(
             {
                 "format": SESSION_FORMAT,
@@ -356,6 +443,7 @@ class Session:
                 "program_source": prog.source,
                 "positions_filled": self._filled,
                 "buffers": entries,
+                "payload_sha256": digest.hexdigest(),
                 "metadata": dict(metadata or {}),
             },
             sort_keys=True,
@@ -364,11 +452,8 @@ class Session:
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             f.write(SESSION_MAGIC + struct.pack("<Q", len(header)) + header)
-            for b in prog.buffers:
-                t = self._kv[b.fqn]
-                if self._filled:
-                    prefix = t.narrow(b.growth_axis, 0, self._filled).contiguous()
-                    f.write(memoryview(prefix.view(torch.uint8).reshape(-1).numpy()))
+            for view in prefixes:
+                f.write(view)
             size = f.tell()
         os.replace(tmp, path)
         return size
@@ -381,66 +466,101 @@ class Session:
         except OSError as e:
             raise SessionFileError(f"{path}: cannot open session file ({e.strerror})") from None
         with f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(16)
             if len(head) < 16 or head[:8] != SESSION_MAGIC:
                 raise SessionFileError(f"{path}: not a lazykv session file")
             (hlen,) = struct.unpack("<Q", head[8:])
+            if hlen > size - 16:
+                raise SessionFileError(
+                    f"{path}: session header is corrupt or truncated (it claims {hlen} bytes, "
+                    f"the file has {size - 16} after the magic)"
+                )
             raw = f.read(hlen)
             try:
                 h = json.loads(raw)
                 assert isinstance(h, dict)
             except Exception:
                 raise SessionFileError(f"{path}: session header is corrupt or truncated") from None
-            if h.get("format") != SESSION_FORMAT:
-                raise SessionFileError(f"{path}: not a lazykv session file (format {h.get('format')!r})")
-            if not isinstance(h.get("version"), int) or h["version"] > SESSION_VERSION:
-                raise SessionFileError(
-                    f"{path}: session file version {h.get('version')!r} is newer than this "
-                    f"lazykv reads ({SESSION_VERSION}); upgrade lazykv"
-                )
-            if h.get("program_sha256") != program.digest:
-                raise SessionFileError(
-                    f"{path}: this session was saved from a different program "
-                    f"({h.get('program_source')!r}, sha256 {str(h.get('program_sha256'))[:12]}…) "
-                    f"than {program.source!r} (sha256 {program.digest[:12]}…); load that "
-                    f"program to restore it"
-                )
-            filled = int(h.get("positions_filled", -1))
-            if not 0 <= filled <= program.max_positions:
-                raise SessionFileError(f"{path}: positions_filled {filled} is out of range")
-            by_fqn = {e.get("fqn"): e for e in h.get("buffers", [])}
-            if set(by_fqn) != {b.fqn for b in program.buffers}:
-                raise SessionFileError(f"{path}: its buffers do not match the program's")
-            for b in program.buffers:
-                e = by_fqn[b.fqn]
-                if (e.get("dtype") != b.dtype or tuple(e.get("shape", ())) != b.shape_at(filled)
-                        or e.get("nbytes") != b.bytes_per_position * filled):
-                    raise SessionFileError(f"{path}: buffer {b.fqn!r} does not match the program")
-            s = cls(program)
             try:
-                if filled:
-                    bound = program.max_positions
-                    target = program.policy.capacity(filled, bound, program.bytes_per_position)
-                    s._resize(s._check_budget(filled, max(min(target, bound), filled)))
-                    base = 16 + hlen
-                    for b in program.buffers:
-                        e = by_fqn[b.fqn]
-                        dst = s._kv[b.fqn].narrow(b.growth_axis, 0, filled)
-                        if not dst.is_contiguous():
-                            tmp = torch.empty(dst.shape, dtype=dst.dtype)
-                        else:
-                            tmp = dst
-                        f.seek(base + int(e["offset"]))
-                        buf = tmp.view(torch.uint8).reshape(-1).numpy()
-                        if f.readinto(memoryview(buf)) != e["nbytes"]:
-                            raise SessionFileError(f"{path}: truncated session file")
-                        if tmp is not dst:
-                            dst.copy_(tmp)
-                s._filled = filled
-            except BaseException:
-                s.close()
-                raise
-            return s
+                return cls._restore_from(program, path, f, h, hlen, size)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise SessionFileError(
+                    f"{path}: session header is malformed ({type(e).__name__}: {e})"
+                ) from None
+
+    @classmethod
+    def _restore_from(cls, program, path, f, h: dict, hlen: int, size: int) -> "Session":
+        if h.get("format") != SESSION_FORMAT:
+            raise SessionFileError(f"{path}: not a lazykv session file (format {h.get('format')!r})")
+        if not isinstance(h.get("version"), int) or h["version"] > SESSION_VERSION:
+            raise SessionFileError(
+                f"{path}: session file version {h.get('version')!r} is newer than this "
+                f"lazykv reads ({SESSION_VERSION}); upgrade lazykv"
+            )
+        if h.get("program_sha256") != program.digest:
+            raise SessionFileError(
+                f"{path}: this session was saved from a different program "
+                f"({h.get('program_source')!r}, sha256 {str(h.get('program_sha256'))[:12]}…) "
+                f"than {program.source!r} (sha256 {program.digest[:12]}…); load that "
+                f"program to restore it"
+            )
+        filled = int(h.get("positions_filled", -1))
+        if not 0 <= filled <= program.max_positions:
+            raise SessionFileError(f"{path}: positions_filled {filled} is out of range")
+        by_fqn = {e.get("fqn"): e for e in h.get("buffers", [])}
+        if set(by_fqn) != {b.fqn for b in program.buffers}:
+            raise SessionFileError(f"{path}: its buffers do not match the program's")
+        total = 0
+        for b in program.buffers:
+            e = by_fqn[b.fqn]
+            if (e.get("dtype") != b.dtype or tuple(e.get("shape", ())) != b.shape_at(filled)
+                    or e.get("nbytes") != b.bytes_per_position * filled):
+                raise SessionFileError(f"{path}: buffer {b.fqn!r} does not match the program")
+            if int(e.get("offset", -1)) != total:
+                raise SessionFileError(f"{path}: buffer {b.fqn!r} is at a corrupt offset")
+            total += int(e["nbytes"])
+        if size != 16 + hlen + total:
+            raise SessionFileError(
+                f"{path}: truncated session file ({size} bytes; its header describes "
+                f"{16 + hlen + total})"
+                if size < 16 + hlen + total
+                else f"{path}: session file is corrupt ({size - 16 - hlen - total} bytes "
+                f"after the data its header describes)"
+            )
+        want = h.get("payload_sha256")  # absent in files from before the checksum
+        digest = hashlib.sha256()
+        s = cls(program)
+        try:
+            if filled:
+                bound = program.max_positions
+                target = program.policy.capacity(filled, bound, program.bytes_per_position)
+                s._resize(s._check_budget(filled, max(min(target, bound), filled)))
+                base = 16 + hlen
+                for b in program.buffers:
+                    e = by_fqn[b.fqn]
+                    dst = s._kv[b.fqn].narrow(b.growth_axis, 0, filled)
+                    if not dst.is_contiguous():
+                        tmp = torch.empty(dst.shape, dtype=dst.dtype)
+                    else:
+                        tmp = dst
+                    f.seek(base + int(e["offset"]))
+                    buf = tmp.view(torch.uint8).reshape(-1).numpy()
+                    if f.readinto(memoryview(buf)) != e["nbytes"]:
+                        raise SessionFileError(f"{path}: truncated session file")
+                    digest.update(memoryview(buf))
+                    if tmp is not dst:
+                        dst.copy_(tmp)
+            if want is not None and digest.hexdigest() != want:
+                raise SessionFileError(
+                    f"{path}: session data is corrupt (its sha256 does not match the one "
+                    f"recorded when it was saved)"
+                )
+            s._filled = filled
+        except BaseException:
+            s.close()
+            raise
+        return s
 
     def __repr__(self) -> str:
         st = "closed" if self._closed else f"{self._filled}/{self.capacity} positions, {self.kv_bytes} bytes"
@@ -488,3 +608,21 @@ def _validate(method: str, info, inputs: list) -> None:
         elif spec.kind == "bool":
             if not isinstance(x, bool):
                 raise InvalidInput(f"{where} must be a bool, got {type(x).__name__}")
+
+
+def _check_tokens(method: str, limits, inputs: list) -> None:
+    """Token ids must index the embedding table: the runtime refuses others only after
+    a kernel fails mid-call."""
+    for i, vocab in limits.token_inputs:
+        if i >= len(inputs) or not isinstance(inputs[i], torch.Tensor):
+            continue
+        t = inputs[i]
+        if t.numel() == 0 or t.dtype.is_floating_point or t.dtype == torch.bool:
+            continue
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise InvalidInput(
+                f"{method}: input {i} holds token id {bad}, outside the vocabulary "
+                f"[0, {vocab}) of the program's embedding table"
+            )

@@ -421,7 +421,9 @@ def test_runs_bad_names_method_and_missing_operator(toys):
     r = _one(toys["missing_op"], runs=True)
     assert not r.passed
     (msg,) = r.failures
-    assert msg.startswith("forward: fails on inputs (float32[1, 4]): RuntimeError: ")
+    # The runtime refuses to load the method: lazykv.errors.ProgramRejected, not a bare
+    # RuntimeError from the pybind layer.
+    assert msg.startswith("forward: fails on inputs (float32[1, 4]): ProgramRejected: ")
     assert "Missing operator" in msg and "lazykv_check_test::twice.out" in msg
 
 
