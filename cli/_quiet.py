@@ -24,10 +24,15 @@ def quiet_third_party(debug: bool = False):
             logging.root.setLevel(old)
 
 
-def silence_import_noise() -> None:
+def silence_import_noise(import_torch: bool = True) -> None:
     """Raise torch/torchao/executorch loggers to ERROR: at import they warn about optional
-    CUDA kernels and pytree registrations, nothing about the user's program."""
-    import torch  # noqa: F401  (torch configures its loggers on import)
+    CUDA kernels and pytree registrations, nothing about the user's program.
+
+    Importing torch resets its logger, so by default torch is imported first.
+    ``import_torch=False`` is for commands that may never need torch (2 s to import); one
+    that imports it later calls this again first."""
+    if import_torch:
+        import torch  # noqa: F401  (torch configures its loggers on import)
 
     for name in ("torch", "torchao", "executorch"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import click
 
@@ -55,49 +54,6 @@ class _Size(click.ParamType):
 
 
 SIZE = _Size()
-
-
-def _defer_executorch_exir_init() -> bool:
-    """Let ``executorch.exir``'s submodules load without the package's ``__init__``.
-
-    ``import executorch.exir.schema`` runs ``executorch/exir/__init__.py`` first, which
-    imports the whole export stack (``torch._dynamo``, ``torch.distributed``...): about
-    60 % of a ``lazykv check`` without ``--runs``, although check only needs the
-    flatbuffer schema and reader. This registers the package module *before* its
-    ``__init__`` runs: submodules (``schema``, ``_serialize``...) import normally, and
-    the first access to anything else (``from executorch.exir import to_edge``) runs the
-    real ``__init__`` in the same module object, so later users see the normal package.
-    Done only when nothing has imported ``executorch.exir`` yet. Returns whether it did.
-    """
-    import importlib
-    import importlib.util
-
-    name = "executorch.exir"
-    if name in sys.modules:
-        return False
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return False
-    if spec is None or spec.loader is None or not spec.submodule_search_locations:
-        return False
-    module = importlib.util.module_from_spec(spec)
-
-    def __getattr__(attr: str):
-        if attr.startswith("__") and attr.endswith("__"):
-            raise AttributeError(attr)
-        if importlib.util.find_spec(f"{name}.{attr}") is not None:
-            return importlib.import_module(f"{name}.{attr}")  # a submodule: stay light
-        del module.__dict__["__getattr__"]
-        spec.loader.exec_module(module)  # the real __init__, in this same module
-        return getattr(module, attr)
-
-    module.__getattr__ = __getattr__
-    sys.modules[name] = module
-    parent = sys.modules.get("executorch")
-    if parent is not None:
-        setattr(parent, "exir", module)
-    return True
 
 
 def _render_table(report) -> str:
@@ -215,8 +171,15 @@ def check(ctx, files, expect_lazy_kv, max_planned_bytes, max_load_bytes,
             f"--config FILE or [tool.lazykv.check] of ./pyproject.toml", ctx)
     if source and not as_json:
         click.echo(f"rules from {source}", err=True)
-    if not rules.runs:
-        _defer_executorch_exir_init()
+    if rules.runs:
+        if not (ctx.obj and ctx.obj.get("debug")):
+            from lazykv.cli._quiet import silence_import_noise
+
+            silence_import_noise()  # the runtime imports torch; the group left it to us
+    else:
+        from lazykv._light_imports import defer_executorch_package_inits
+
+        defer_executorch_package_inits()
 
     def progress(fr):
         if not as_json and fr.error is not None:

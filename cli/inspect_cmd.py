@@ -87,6 +87,9 @@ def inspect(file, as_json):
     kv_bytes_at_max_context, lazy_kv_bytes, constants, mutable_buffers.
     Exit code 2 when FILE cannot be read.
     """
+    from lazykv._light_imports import defer_executorch_package_inits
+
+    defer_executorch_package_inits()
     from lazykv.inspect import inspect_pte
 
     info = inspect_pte(file)

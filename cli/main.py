@@ -33,6 +33,11 @@ class _Group(click.Group):
             sys.exit(e.exit_code)
 
 
+#: Commands that may not need torch (2 s to import): the group does not import it for
+#: them (``check`` quiets torch's logger itself when ``--runs`` needs the runtime).
+_TORCH_FREE_COMMANDS = frozenset({"check"})
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lazykv")
 @click.option("--debug", is_flag=True, help="Show tracebacks and ExecuTorch's logs.")
@@ -53,7 +58,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     if not debug:
         from lazykv.cli._quiet import silence_import_noise
 
-        silence_import_noise()
+        silence_import_noise(import_torch=ctx.invoked_subcommand not in _TORCH_FREE_COMMANDS)
 
 
 def _register() -> None:

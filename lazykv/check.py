@@ -440,14 +440,6 @@ class CheckReport:
 # -- checking ------------------------------------------------------------------------------
 
 
-def _open_kwargs() -> dict:
-    import inspect
-
-    from lazykv.pte_file import open_pte
-
-    return {"validate": False} if "validate" in inspect.signature(open_pte).parameters else {}
-
-
 class _Program:
     """One opened ``.pte`` plus what several rules need, computed once."""
 
@@ -456,10 +448,10 @@ class _Program:
         from lazykv.pte_file import open_pte
 
         self.path = path
-        # pte_file's deep validation (every kernel argument against its schema) imports
-        # ExecuTorch's custom-op library and with it the runtime: skip it here (check reads
-        # metadata only; ``runs`` loads through the shim, which validates).
-        self.pte = open_pte(path, **_open_kwargs())
+        # The deep validation (lazykv.pte_validate: every kernel argument against its
+        # schema, shapes through torch's meta kernels) imports torch: skip it here (check
+        # reads metadata only; ``runs`` loads through the shim, which validates).
+        self.pte = open_pte(path, validate=False)
         self.info = inspect_pte(self.pte)
         self._delegates: Optional[Dict[Tuple[int, int], dict]] = None
 

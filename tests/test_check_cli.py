@@ -272,10 +272,14 @@ r = CliRunner().invoke(cli, ["check", sys.argv[1], "--expect-lazy-kv", "--max-pl
 assert r.exit_code in (0, 1), r.output
 seconds = time.perf_counter() - t
 assert not culprits, f"check without --runs imported: {culprits}"
+assert "torch" not in sys.modules, "check without --runs imported torch"
 import executorch.exir.schema
 from executorch.exir import to_edge, EdgeProgramManager
 import executorch.exir as exir
 assert exir.to_edge is to_edge and executorch.exir.schema.Tensor
+from executorch.exir._serialize import _deserialize_pte_binary  # its __init__ was deferred too
+import executorch.exir._serialize._program as program_module
+assert _deserialize_pte_binary is program_module.deserialize_pte_binary
 from lazykv.inspect import Tensor
 assert Tensor is executorch.exir.schema.Tensor
 print(f"check in {seconds:.2f} s")
@@ -284,8 +288,8 @@ print(f"check in {seconds:.2f} s")
 
 @pytest.mark.parametrize("which", ["bad", "good"])  # static (no manifest), lazy (manifest)
 def test_check_without_runs_imports_no_runtime_and_exir_stays_usable(files, which):
-    """A fresh interpreter: check never imports the ExecuTorch runtime (nor the export
-    stack that executorch.exir's __init__ pulls in), and executorch.exir works after."""
+    """A fresh interpreter: check never imports the ExecuTorch runtime, the export stack
+    that executorch.exir's __init__ pulls in, nor torch; and executorch.exir works after."""
     p = subprocess.run([sys.executable, "-c", _NO_RUNTIME_SCRIPT, files[which]],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
