@@ -174,7 +174,10 @@ def _share_constants(cfg: "ExportConfig", programs: dict):
     return ShareConstantsByFQN(allow_divergent=cfg.allow_divergent_constants)(programs)
 
 
-def _checkpoint_for(shape: LlamaShape, seed: int) -> tuple[Path, Path]:
+def checkpoint_for(shape: LlamaShape, seed: int) -> tuple[Path, Path]:
+    """``(params.json, checkpoint.pth)`` of a random-weight Llama of ``shape`` (fixed
+    ``seed``), written once under :func:`cache_dir` and reused by every later export
+    (safe when several processes race to write it)."""
     key = hashlib.sha256(repr((shape, seed, 1)).encode()).hexdigest()[:16]
     d = cache_dir() / "checkpoints" / key
     params, ckpt = d / "params.json", d / "checkpoint.pth"
@@ -199,7 +202,7 @@ def _llama_builder(cfg: ExportConfig):
     from executorch.examples.models.llama.export_llama_lib import _prepare_for_llama_export
     from executorch.extension.llm.export.config.llm_config import LlmConfig
 
-    params, ckpt = _checkpoint_for(cfg.llama_shape, cfg.seed)
+    params, ckpt = checkpoint_for(cfg.llama_shape, cfg.seed)
     llm = LlmConfig()
     llm.base.params = str(params)
     llm.base.checkpoint = str(ckpt)

@@ -285,6 +285,7 @@ class LazyProgram:
         self.buffers: Tuple[LazyBuffer, ...] = self.manifest.lazy_buffers if lazy else ()
         self.lazy = lazy
         self._dtypes = {b.fqn: _MANIFEST_DTYPES[b.dtype] for b in self.buffers}
+        self._fill_plans: Dict[str, Tuple[Any, int]] = {}
         self.load_seconds = time.perf_counter() - t0
         self._sessions_open = 0
 
@@ -376,6 +377,23 @@ class LazyProgram:
                 f"{self.source}: no method {method!r}; it has {sorted(self.method_names)}"
             )
         return info
+
+    def fill_plan(self, method: str) -> Tuple[Any, int]:
+        """``(fill rule, bound)`` of a method that uses lazy buffers: which inputs give
+        the start position and the length, and the most positions its buffers hold.
+        Computed once per method (sessions ask on every call)."""
+        plan = self._fill_plans.get(method)
+        if plan is None:
+            info = self.method_info(method)
+            bound = min(b.max_positions for b in self.buffers if b.fqn in info.lazy_fqns)
+            plan = self._fill_plans[method] = (self.manifest.fill_rule(method), bound)
+        return plan
+
+    def load_method(self, name: str) -> None:
+        """Load method ``name`` into the runtime now instead of on its first run (sessions
+        load methods on first use). Raises :class:`UnknownMethod` for a name the program
+        lacks and :class:`ProgramRejected` if the runtime refuses the method."""
+        self._method(name)
 
     def _method(self, name: str):
         m = self._loaded.get(name)
