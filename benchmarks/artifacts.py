@@ -279,6 +279,12 @@ def build_all(arts: List[Art], jobs: int = 2, rebuild_timed: bool = False) -> Di
     return out
 
 
+def export_records(recs: Dict[Art, Optional[dict]]) -> Dict[str, dict]:
+    """What each export cost (for the results' "cold cache" table), by label."""
+    keys = ("wall_seconds", "cpu_seconds", "peak_rss_bytes", "built", "cpus", "loadavg_after")
+    return {a.label: {k: r.get(k) for k in keys} for a, r in recs.items() if r}
+
+
 def is_timed(a: Art) -> bool:
     """Programs whose export wall time and peak RSS the export case reports."""
     return a.kind == "llama" and a.preset == "tiny"

@@ -1,9 +1,16 @@
-"""Measurements that run in a fresh process: ``python -m benchmarks.worker TASK JSON``.
+"""Measurements that run in a process of their own.
 
-Each task prints one JSON line (its result) on stdout. RSS figures come from
-``/proc/self/status``; "peak during" a step is ``VmHWM`` after the step, with the
-high-water mark reset (``clear_refs`` 5) just before it. Every task imports everything it
-needs first, so import costs never land in a measurement.
+``python -m benchmarks.worker TASK JSON`` runs one task in a fresh interpreter and prints
+its result as one JSON line. ``python -m benchmarks.worker serve`` is a fork server: it
+imports torch, executorch's runtime and the shim once (about 7 s of CPU per process, most
+of it ``executorch.exir``'s ``__init__``), then runs each task it is sent in a child
+``fork()``ed from that state, so each measurement still has a process of its own (its own
+heap, RSS, high-water mark and runtime state) without paying the imports again.
+
+RSS figures come from ``/proc/self/status``; "peak during" a step is ``VmHWM`` after the
+step, with the high-water mark reset (``clear_refs`` 5) just before it. Both ways import
+the same modules (:func:`preload`) before any measurement, so import costs never land in
+one.
 """
 
 from __future__ import annotations
@@ -40,6 +47,16 @@ def _runtime():
     return shim_runtime()
 
 
+def preload() -> None:
+    """Everything the measurement tasks import, imported before any of them runs (fresh
+    process and fork server alike, so both start from the same modules)."""
+    import torch  # noqa: F401
+    from lazykv import runtime_shim  # noqa: F401
+    from lazykv.runtime_shim import weight_cache  # noqa: F401
+
+    _runtime()
+
+
 def _rss() -> int:
     gc.collect()
     return proc_status()["VmRSS"]
@@ -50,11 +67,14 @@ def _rss() -> int:
 
 @task
 def checkpoints(presets):
-    from lazykv.export import _checkpoint_for
+    # Private, and the one thing here that still is: lazykv has no public function that
+    # writes (or returns) the cached random checkpoint its exports read;
+    # write_random_checkpoint writes into a directory of the caller's, not that cache.
+    from lazykv.export import checkpoint_for
     from lazykv.models.llama import PRESETS
 
     for p in presets:
-        _checkpoint_for(PRESETS[p], 0)
+        checkpoint_for(PRESETS[p], 0)
     return {"presets": presets}
 
 
@@ -138,8 +158,8 @@ def load(mode, path, cache_dir=None, method="forward"):
         hit = None
     else:
         prog = runtime_shim.load(path, cache_dir=cache_dir)
-        m = prog._method(method)  # the shim loads methods on first use; load it now
-        hit = prog.cache_hit
+        prog.load_method(method)  # the shim loads methods on first use; load it now
+        m, hit = prog, prog.cache_hit
     seconds = time.perf_counter() - t0
     st = proc_status()
     after = _rss()
@@ -239,7 +259,7 @@ def policies(lazy, policies, max_tokens, chunk):
     out = {}
     for spec in policies:
         prog = runtime_shim.load(lazy, policy=spec)
-        prog._method("forward")
+        prog.load_method("forward")
         with prog.session() as s:
             trace = [(0, s.kv_bytes, s.capacity)]
             pos = 0
@@ -277,7 +297,7 @@ def transient(lazy, fill):
 
     _runtime()
     prog = runtime_shim.load(lazy, policy="doubling")
-    prog._method("forward")
+    prog.load_method("forward")
     max_seq_len = _chunk(prog)
     s = prog.session()
     one = torch.tensor([[1]], dtype=torch.long)
@@ -289,12 +309,11 @@ def transient(lazy, fill):
     s.run("forward", [one, torch.tensor([pos])])  # a one-token call that fits: warms that path
     pos += 1
     assert s.capacity == fill, (s.capacity, fill)
-    alloc = s._alloc
+    alloc = s.allocator
     before = s.stats
     committed_before = before.current_bytes
     buf_bytes_old = committed_before // max(1, len(prog.buffers))
-    alloc.peak_bytes = alloc.current_bytes
-    n_events = len(alloc.events)
+    n_events, peak_before = len(alloc.events), alloc.peak_bytes
     rss0 = _rss()
     reset_peak_rss()
     s.run("forward", [one, torch.tensor([pos])])
@@ -303,7 +322,11 @@ def transient(lazy, fill):
     after = s.stats
     events = [dict(kind=e.kind, old=e.old_bytes, new=e.new_bytes, current=e.current_bytes)
               for e in alloc.events[n_events:]]
-    tracked_peak = alloc.peak_bytes
+    # The allocator's own peak, which this call raised (an earlier grow set the old one);
+    # else the same figure from the events: old and new storage of the buffer being
+    # copied are both live, i.e. current + old.
+    tracked_peak = alloc.peak_bytes if alloc.peak_bytes > peak_before else max(
+        [committed_before] + [e["current"] + e["old"] for e in events if e["kind"] == "grow"])
     # control: the same call, no growth
     rss1 = _rss()
     reset_peak_rss()
@@ -330,51 +353,80 @@ def transient(lazy, fill):
 # ------------------------------------------------------------------------------ multimethod
 
 
+def _mm_inputs(spec, gen):
+    """``["randn", shape]`` or ``["tokens", length, pos]`` -> the method's user inputs."""
+    import torch
+
+    if spec[0] == "randn":
+        return [torch.randn(*spec[1], generator=gen)]
+    return [torch.randint(0, 1000, (1, spec[1]), generator=gen), torch.tensor([spec[2]])]
+
+
 @task
-def multimethod(path, mode, methods, inputs):
+def multimethod_plan(path, methods, kv_positions):
+    """How to run ``path`` on the stock runtime, method by method: the file the runtime
+    loads (for a lazy program, the shim's rebound copy, whose KV buffers are inputs after
+    the user's) and, per method, the shapes and dtypes of the KV storage to pass there
+    (``kv_positions`` positions each, as a session would hold)."""
+    from lazykv import runtime_shim
+
+    prog = runtime_shim.load(path)
+    bufs = {b.fqn: b for b in prog.buffers}
+    kv = {name: [[b.fqn, list(b.shape_at(kv_positions)), b.dtype]
+                 for b in (bufs[f] for f in prog.method_info(name).lazy_fqns)]
+          for name in methods}
+    return {"runtime_path": prog.runtime_path, "kv": kv}
+
+
+@task
+def multimethod(path, mode, methods, inputs, plan=None):
     """Resident memory of a two-method program, from RSS before the program loads.
 
-    ``off``/``on``: XNNPACK's weight cache switched before any method loads, then the
-    methods loaded and run one at a time (a point after each). The shim loads every
-    method of a multi-method program inside ``load()`` (that is its design: the cache
-    setting must be in force while they load), so here method loading is deferred to
-    see the one-method point. ``default``: plain ``runtime_shim.load(path)``, both
-    methods run; shows what users get. ``inputs[name]`` is ``["randn", shape]`` or
-    ``["tokens", length, pos]``.
+    ``off``/``on``: XNNPACK's weight cache switched (``weight_cache.enable``), then the
+    stock runtime loads the program (``plan["runtime_path"]``, see
+    :func:`multimethod_plan`) and each method in turn (``Program.load_method``) and runs
+    it, a point after each: the one-method point needs methods loaded one at a time,
+    which ``runtime_shim.load`` does not do for a multi-method program (it loads them all
+    inside the cache setting, by design). ``default``: plain ``runtime_shim.load(path)``
+    and a session running both methods: what users get. ``inputs[name]`` is
+    ``["randn", shape]`` or ``["tokens", length, pos]``. KV storage is not weights: it is
+    left out of the points.
     """
     import torch
     from lazykv import runtime_shim
     from lazykv.runtime_shim import weight_cache
-    from lazykv.runtime_shim.program import LazyProgram
 
-    _runtime()
+    rt = _runtime()
     gen = torch.Generator().manual_seed(1)
     base = _rss()
-    took = None
+    took = prog = sess = None
+    load_s, kv_bytes = {}, 0
     if mode == "default":
         prog = runtime_shim.load(path)
+        sess = prog.session()
     else:
         took = weight_cache.enable(mode == "on")
-        real = LazyProgram._method
-        LazyProgram._method = lambda self, name: None  # defer method loading
-        try:
-            prog = runtime_shim.load(path, weight_cache=(mode == "on"))
-        finally:
-            LazyProgram._method = real
-    sess = prog.session()
-    points, load_s = {"loaded": _rss() - base}, {}
+        et = rt.load_program(plan["runtime_path"])
+        kv = {}  # one tensor per buffer, shared by the methods (as in a session)
+        for fqn, shape, dtype in (b for name in methods for b in plan["kv"][name]):
+            if fqn not in kv:
+                kv[fqn] = torch.zeros(shape, dtype=getattr(torch, dtype))
+        kv_bytes = sum(t.numel() * t.element_size() for t in kv.values())
+        loaded = {}
+    points = {"loaded": _rss() - base - kv_bytes}
     for name in methods:
-        spec = inputs[name]
-        if spec[0] == "randn":
-            args = [torch.randn(*spec[1], generator=gen)]
-        else:
-            args = [torch.randint(0, 1000, (1, spec[1]), generator=gen), torch.tensor([spec[2]])]
+        args = _mm_inputs(inputs[name], gen)
         t0 = time.perf_counter()
-        prog._method(name)
-        load_s[name] = time.perf_counter() - t0
-        sess.run(name, args)
-        # KV storage the session allocated is not weights: leave it out.
-        points[name] = _rss() - base - sess.kv_bytes
+        if prog is not None:
+            prog.load_method(name)  # a no-op: load() loaded every method
+            load_s[name] = time.perf_counter() - t0
+            sess.run(name, args)
+            kv_bytes = sess.kv_bytes
+        else:
+            loaded[name] = et.load_method(name)
+            load_s[name] = time.perf_counter() - t0
+            loaded[name].execute(args + [kv[fqn] for fqn, _, _ in plan["kv"][name]])
+        points[name] = _rss() - base - kv_bytes
     return {"mode": mode, "took_effect": took, "points": points, "load_s": load_s,
             "cache_enabled_now": weight_cache.is_enabled(),
             "shim_weight_cache": getattr(prog, "weight_cache", None)}
@@ -392,7 +444,7 @@ def sessions(lazy, counts, tokens):
     _runtime()
     base = _rss()
     prog = runtime_shim.load(lazy, policy="doubling")
-    prog._method("forward")
+    prog.load_method("forward")
     loaded = _rss() - base
     max_seq_len = _chunk(prog)
     # Warm the decode path (XNNPACK workspace, first-call allocations), then give it back.
@@ -452,9 +504,50 @@ def interleave(lazy, prompt_len, new_tokens, seed=0):
     return {"mismatches": mism, "tokens": 2 * new_tokens}
 
 
+def serve() -> None:
+    """Fork server: read one ``{"task", "args"}`` JSON line at a time on stdin, run it in a
+    forked child, answer one JSON line ``{"out" | "error", "wall", "cpu", "status"}``."""
+    import traceback
+
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # the runtime's C++ logs and stray prints must not reach the protocol
+    sys.stdout = sys.stderr
+    preload()
+    proto.write(json.dumps({"ready": os.getpid()}) + "\n")
+    proto.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        r, w = os.pipe()
+        t0 = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:  # the child: one task, then exit without teardown
+            os.close(r)
+            code = 0
+            try:
+                res = {"out": TASKS[req["task"]](**req["args"])}
+            except BaseException:
+                res, code = {"error": traceback.format_exc()}, 1
+            with os.fdopen(w, "w") as f:
+                f.write(json.dumps(res))
+            os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as f:
+            data = f.read()
+        _, status, ru = os.wait4(pid, 0)
+        res = json.loads(data) if data else {"error": f"child died (wait status {status})"}
+        res.update(wall=time.perf_counter() - t0, cpu=ru.ru_utime + ru.ru_stime, status=status)
+        proto.write(json.dumps(res) + "\n")
+        proto.flush()
+
+
 def main(argv):
     _quiet()
     name, args = argv[0], json.loads(argv[1]) if len(argv) > 1 else {}
+    if name == "serve":
+        serve()
+        os._exit(0)
+    if name not in ("export", "checkpoints"):
+        preload()
     result = TASKS[name](**args)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
