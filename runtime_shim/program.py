@@ -188,13 +188,16 @@ class LazyProgram:
         if meta is None:
             # Nothing reaches the C++ runtime unchecked: ExecuTorch trusts the program's
             # meaning and aborts the process on much of what a corrupt file holds
-            # (lazykv.pte_file; tests/test_fuzz_pte.py). Raw flatbuffer plus a shape pass:
-            # ~15 ms for the example decoder, ~100 ms for the tiny Llama; first load only.
-            limits = {
-                k: v.as_dict()
-                for k, v in preflight(data if src_path is None else src_path).limits.items()
-            }
-            meta = self._fast_rebind(src_path, data, cache_dir, limits)
+            # (lazykv.pte_validate; tests/test_fuzz_pte.py). Raw flatbuffer plus a shape
+            # pass: ~15 ms for the example decoder, ~0.25 s for stories110m; first load
+            # only, and while the segments are copied (the copy releases the GIL).
+            def validate() -> dict:
+                checked = preflight(data if src_path is None else src_path)
+                return {k: v.as_dict() for k, v in checked.limits.items()}
+
+            meta, limits = self._fast_rebind(src_path, data, cache_dir, validate)
+            if limits is None:
+                limits = validate()
         self._resolve_digest()
         if meta is None:
             pte = open_pte(data if src_path is None else src_path)
@@ -289,15 +292,22 @@ class LazyProgram:
         self.load_seconds = time.perf_counter() - t0
         self._sessions_open = 0
 
-    def _fast_rebind(self, src_path, data, cache_dir, limits) -> Optional[dict]:
-        """Rebind by patching the flatbuffer bytes (:mod:`.fastpte`); None = use the
-        object path."""
+    def _fast_rebind(self, src_path, data, cache_dir, validate) -> Tuple[Optional[dict], Optional[dict]]:
+        """Rebind by patching the flatbuffer bytes (:mod:`.fastpte`). Returns ``(meta,
+        limits)``: meta None = use the object path; limits None = ``validate()`` (which
+        raises on a bad program) did not run yet. The rebound copy is written to a
+        temporary name in a thread while ``validate()`` runs, and enters the cache only
+        once the program passed."""
+        from concurrent.futures import ThreadPoolExecutor, wait
+
         from lazykv.runtime_shim import fastpte
 
         try:
             fp = fastpte.FastPte(src_path, data)
         except Exception:
-            return None
+            return None, None
+        limits = None
+        tmp = None
         try:
             manifest = fp.manifest(self.source)
             lazy = manifest is not None and bool(manifest.lazy_buffers)
@@ -314,23 +324,32 @@ class LazyProgram:
             if lazy:
                 region, appended = fp.rebound_region(manifest, binding._SCALAR_TYPE_NAMES)
                 base = fp.segment_base_offset
-                if self.digest is not None:
-                    dest = binding.bound_path(cache_dir, self.digest)
-                    self.cache_hit = dest.exists()
-                    if not self.cache_hit:
-                        binding.write_with_segments(
-                            dest, region, src_path, data, base, fp.file_size - base
-                        )
-                else:  # digest still being computed: write under a temporary name
+                known = self.digest is not None and binding.bound_path(cache_dir, self.digest).exists()
+                if not known:  # the digest may still be being computed: a temporary name
                     tmp = Path(cache_dir) / f"incoming-{os.getpid()}-{id(self)}.pte"
-                    binding.write_with_segments(tmp, region, src_path, data, base, fp.file_size - base)
-                    self._resolve_digest()
-                    dest = binding.bound_path(cache_dir, self.digest)
-                    self.cache_hit = dest.exists()
+                    with ThreadPoolExecutor(max_workers=1) as pool:
+                        copying = pool.submit(
+                            binding.write_with_segments,
+                            tmp, region, src_path, data, base, fp.file_size - base,
+                        )
+                        try:
+                            limits = validate()
+                        finally:
+                            wait([copying])  # a refusal wins over a failed copy
+                        copying.result()
+                else:
+                    limits = validate()
+                self._resolve_digest()
+                dest = binding.bound_path(cache_dir, self.digest)
+                self.cache_hit = dest.exists()
+                if tmp is not None:
                     if self.cache_hit:
                         tmp.unlink()
                     else:
                         os.replace(tmp, dest)
+                    tmp = None
+            else:
+                limits = validate()
             methods = {
                 name: {"inputs": specs_of[name], "kv_fqns": list(appended[name])}
                 for name in fp.method_names
@@ -346,12 +365,17 @@ class LazyProgram:
             raise
         except Exception as e:  # anything odd: the object path decides
             logger.info("fast rebinding not possible (%s); using the object path", e)
-            return None
+            return None, limits
         finally:
             fp.close()
+            if tmp is not None:  # the program was refused, or the copy failed
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
         self._resolve_digest()
         binding.write_sidecar(cache_dir, self.digest, meta)
-        return meta
+        return meta, limits
 
     def _resolve_digest(self) -> None:
         if self._digest_future is not None:
