@@ -142,7 +142,10 @@ class FastPte:
                 start = self.segment_base_offset + seg.get("Q", 4)
                 size = seg.get("Q", 6)
                 if start + size > self.file_size:
-                    raise InvalidProgram(f"{source}: the lazykv manifest lies past the end of the file")
+                    raise InvalidProgram(
+                        f"{source}: the lazykv manifest lies past the end of the file "
+                        f"(truncated .pte: a partial copy or download?)"
+                    )
                 return Manifest.from_bytes(bytes(self._mm[start : start + size]), source)
         return None
 

@@ -536,6 +536,8 @@ class FuzzResult:
     slowest: List[Tuple[float, int, str]]
     #: ``files`` mode only: item index -> (result, detail) of every item.
     outcomes: Dict[int, Tuple[str, str]] = dataclasses.field(default_factory=dict)
+    #: Outcome classes (:func:`outcome_class`): which error refused a file, or how it ran.
+    by_error: Dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def crashes(self) -> int:
@@ -553,7 +555,26 @@ class FuzzResult:
                  "outcomes: " + json.dumps(self.counts, sort_keys=True)]
         for k, v in sorted(self.by_kind.items()):
             lines.append(f"  {k}: {json.dumps(v, sort_keys=True)}")
+        lines.append("outcome classes:")
+        for k, v in sorted(self.by_error.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {v:6d}  {k}")
+        lines.append("slowest: " + "; ".join(f"case {c} {s:.2f} s" for s, c, _ in self.slowest))
         return "\n".join(lines)
+
+
+def outcome_class(result: str, detail: str) -> str:
+    """``result`` refined by its detail: ``"refused ProgramRejected"``, ``"refused-at-run
+    MemoryBudgetExceeded"``, ``"ok ran=2"``, ``"wrong-error TypeError"``, ``"crash"``..."""
+    head = detail.split(":", 1)[0].strip()
+    if result == "refused" and head.startswith("refused"):
+        return head
+    if result == "ok":
+        ran = [w for w in detail.split() if w.startswith("ran=")]
+        refused = " (inspect refused)" if "inspect refused" in detail else ""
+        return f"ok {ran[0] if ran else ''}{refused}".strip()
+    if result == "wrong-error" and head:
+        return f"wrong-error {head}"
+    return result
 
 
 class _Worker:
@@ -663,6 +684,7 @@ def run_fuzz(
     end = first_case + cases
     counts: Dict[str, int] = {}
     by_kind: Dict[str, Dict[str, int]] = {}
+    by_error: Dict[str, int] = {}
     failures: List[Failure] = []
     starts = [0]
     slowest: List[Tuple[float, int, str]] = []
@@ -687,6 +709,8 @@ def run_fuzz(
             counts[result] = counts.get(result, 0) + 1
             k = by_kind.setdefault(kind, {})
             k[result] = k.get(result, 0) + 1
+            cls = outcome_class(result, detail)
+            by_error[cls] = by_error.get(cls, 0) + 1
             if failure is not None:
                 failures.append(failure)
             slowest.append((seconds, case, desc))
@@ -781,7 +805,7 @@ def run_fuzz(
     shutil.rmtree(log_dir, ignore_errors=True)
     failures.sort(key=lambda f: f.case)
     return FuzzResult(cases, seed, time.perf_counter() - t0, counts, failures, by_kind,
-                      starts[0], slowest, outcomes)
+                      starts[0], slowest, outcomes, by_error)
 
 
 def _repro(seed: int, index: int, paths: Sequence[str], out: Optional[str]) -> int:

@@ -222,6 +222,56 @@ def test_bad_input(row: Row, programs):
     assert res["usable"], f"{row.name}: the session is unusable afterwards"
 
 
+# -- corrupt .pte files ----------------------------------------------------------------------------
+
+
+def _broken_manifest(data: bytes) -> bytes:
+    """``data`` (a lazy program) with its lazykv manifest no longer JSON (same length)."""
+    import fuzz_worker
+
+    lay = fuzz_worker._layout_full("lazy", data)
+    s, e = lay.segments[lay.manifest_segment]
+    return data[:s] + data[s:e].replace(b"{", b"x", 1) + data[e:]
+
+
+#: name -> (program, what becomes of its bytes (None: the path is not a file), error, message).
+PTE_ROWS = {
+    "missing_file": ("lazy", None, E.InvalidProgram, r"no such file"),
+    "directory": ("lazy", None, E.InvalidProgram, r"is a directory, expected a \.pte file"),
+    "empty": ("lazy", lambda b: b"", E.InvalidProgram, r"file is empty"),
+    "text_file": ("lazy", lambda b: b"not a program\n" * 20, E.InvalidProgram,
+                  r"not an ExecuTorch program \(file identifier"),
+    "gguf_file": ("static", lambda b: b"GGUF\x03\0\0\0" + b"\0" * 256, E.InvalidProgram,
+                  r"not an ExecuTorch program"),
+    "wrong_identifier": ("static", lambda b: b[:4] + b"XX99" + b[8:], E.InvalidProgram,
+                         r"file identifier b'XX99', expected 'ETnn'"),
+    "truncated_in_header": ("static", lambda b: b[:40], E.InvalidProgram,
+                            r"header says the program is \d+ bytes but the file has 40"),
+    "truncated_in_segments": ("lazy", lambda b: b[: len(b) // 2], E.InvalidProgram,
+                              r"truncated"),
+    "manifest_not_json": ("lazy", _broken_manifest, E.ManifestError,
+                          r"the lazykv manifest is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("name", list(PTE_ROWS))
+def test_corrupt_pte_refused(name, programs, tmp_path):
+    """Refused by ``load`` with the error and a message naming the file and the problem
+    (the fuzz test covers many more mutations; these are the plain ones)."""
+    from lazykv.runtime_shim import load
+
+    paths, _, _ = programs
+    kind, mutate, error, message = PTE_ROWS[name]
+    path = tmp_path / ("" if name == "directory" else f"{name}.pte")
+    if mutate is not None:
+        path.write_bytes(mutate(Path(paths[kind]).read_bytes()))
+    with pytest.raises(error) as e:
+        load(path, cache_dir=tmp_path / "cache")
+    assert type(e.value) is error, f"{name}: {type(e.value).__name__}: {e.value}"
+    assert re.search(message, str(e.value)), str(e.value)
+    assert str(path) in str(e.value)
+
+
 # -- sessions: closed, saved, restored -----------------------------------------------------------
 
 
@@ -460,17 +510,26 @@ def test_acceptance_1000_tokens_hit_max_bytes_then_trim(example_lazy_2048, tmp_p
         fresh.run("forward", [_tok(t), _pos(fresh.offset)])
     tok = fed[400]  # what the session generated at position 399 the first time
     regenerated = []
+    max_diff = 0.0
     while s.offset < afford:
         a = s.run("forward", [_tok(tok), _pos(s.offset)])[0]
         b = fresh.run("forward", [_tok(tok), _pos(fresh.offset)])[0]
+        max_diff = max(max_diff, (a - b).abs().max().item())
         assert torch.equal(a, b), f"logits differ at position {s.offset - 1}"
         regenerated.append(tok)
         tok = int(a[0, -1].argmax())
+    assert max_diff == 0.0
     # Greedy decoding from the same prefix regenerates the same tokens.
     assert regenerated == fed[400:afford]
     with pytest.raises(E.MemoryBudgetExceeded):
         s.run("forward", [_tok(tok), _pos(afford)])
     assert s.offset == afford
+    print(f"\nacceptance max_bytes: MemoryBudgetExceeded at position {pos} (expected {afford} = "
+          f"max_bytes {budget} // {bpp} bytes a position) after {len(fed) - 16} of up to 1000 "
+          f"generated tokens; kv_bytes then {afford * bpp}, state intact; trim(200) freed "
+          f"{freed.bytes} bytes; {len(regenerated)} continued positions vs a fresh session: "
+          f"max |diff| {max_diff}, tokens equal {regenerated == fed[400:afford]}; "
+          f"budget hit again at {s.offset}")
     s.close()
     fresh.close()
 
