@@ -7,5 +7,5 @@ Programs are exported once into ``benchmarks/cache/`` (keyed by a hash of the ex
 config and of the sources that shape the ``.pte``), each export in its own subprocess.
 Every measurement that compares two things runs them side by side: load measurements
 alternate static and lazy in fresh subprocesses; decode runs both programs in one process
-in lockstep. Results go to ``benchmarks/results/latest.{json,md}`` plus PNG plots.
+in alternating blocks. Results go to ``benchmarks/results/latest.{json,md}`` plus PNG plots.
 """
