@@ -10,6 +10,7 @@ in the user's inputs before the runtime sees it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -80,11 +81,13 @@ class SessionStats:
 
 
 def _locked(fn):
+    """Run the method under the session's lock."""
+
+    @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         with self._lock:
             return fn(self, *args, **kwargs)
 
-    wrapper.__name__, wrapper.__doc__, wrapper.__qualname__ = fn.__name__, fn.__doc__, fn.__qualname__
     return wrapper
 
 
