@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import functools
 import json
 import logging
 import os
@@ -183,11 +184,15 @@ def _argmax(logits):
 def decode(static, lazy, contexts, blocks, steps, max_context, seed=0):
     """Stock runtime + static program against shim + lazy program, alternating blocks.
 
-    Both get the same prompt (prefilled in chunks of ``max_seq_len``). Then each block
-    runs ``steps`` greedy steps as a generation loop does (execute, argmax, next inputs),
-    first on one side and then on the other over the same positions, alternating which
-    side goes first; the two give the same tokens (checked, as are the logits). A block's
-    ratio is (static seconds) / (lazy seconds), i.e. lazy tokens/s over static tokens/s.
+    Both get the same prompt (prefilled in chunks of ``max_seq_len``), of ``context + 1``
+    tokens. Then each block runs ``steps`` greedy steps from the end of the prompt as a
+    generation loop does (execute, argmax, next inputs), first on one side and then on
+    the other, alternating which side goes first; the lazy session then trims back to the
+    prompt, so every block decodes the same positions from the same token (the static
+    program overwrites its cache rows). The two sides give the same tokens and logits
+    (checked). A block's ratio is (static seconds) / (lazy seconds), i.e. lazy tokens/s
+    over static tokens/s. The prompt is one past ``context`` so that trimming back keeps
+    the doubling policy's capacity (checked): no block regrows the storage.
 
     Whole loops, not single calls interleaved step by step: XNNPACK's thread pool spins
     for a few microseconds after a call and then sleeps, so a call made right after the
@@ -204,9 +209,6 @@ def decode(static, lazy, contexts, blocks, steps, max_context, seed=0):
     lp = runtime_shim.load(lazy, policy="doubling")
     max_seq_len = _chunk(lp)
 
-    def run_static(tokens, pos):
-        return sm.execute([tokens, torch.tensor([pos], dtype=torch.long)])[0]
-
     def loop(call, tok, pos):
         """``steps`` greedy steps from ``tok`` at ``pos``: (seconds, tokens, logits)."""
         toks, kept = [], []
@@ -221,39 +223,43 @@ def decode(static, lazy, contexts, blocks, steps, max_context, seed=0):
 
     out = {}
     for ctx in contexts:
-        start = min(ctx, max_context - (blocks + 1) * steps - 2)
+        start = min(ctx + 1, max_context - steps - 2)
         with lp.session() as sess:
             prompt = torch.randint(0, 1000, (1, start), dtype=torch.long)
             pos = 0
             while pos < start:
                 n = min(max_seq_len, start - pos)
                 chunk = prompt[:, pos:pos + n].contiguous()
-                ls = run_static(chunk, pos)
+                ls = sm.execute([chunk, torch.tensor([pos], dtype=torch.long)])[0]
                 ll = sess.run("forward", [chunk, torch.tensor([pos], dtype=torch.long)])[0]
                 pos += n
             diff = float((ls - ll).abs().max())
             tok = _argmax(ls)
+            # As a generation loop calls it: sess.run("forward", inputs), no wrapper frame.
+            lazy_call = functools.partial(sess.run, "forward")
 
-            def lazy_call(inputs):
-                return sess.run("forward", inputs)
-
-            blk = []
+            blk, held = [], None
             for b in range(blocks + 1):  # block 0 warms both sides up, untimed
                 sides = [("static", sm.execute), ("lazy", lazy_call)]
                 if b % 2:
                     sides.reverse()
                 got = {}
                 for name, call in sides:
-                    got[name] = loop(call, tok, pos)
+                    got[name] = loop(call, tok, start)
+                    if name == "lazy":
+                        sess.trim(steps)
                 (ts, tok_s, ls), (tl, tok_l, ll) = got["static"], got["lazy"]
                 if tok_s != tok_l:
                     raise AssertionError(f"context {ctx}: tokens differ in block {b}")
                 diff = max(diff, float((ls - ll).abs().max()))
-                tok, pos = tok_s[-1], pos + steps
+                if held is None:
+                    held = sess.kv_bytes
+                elif sess.kv_bytes != held:
+                    raise AssertionError(f"context {ctx}: trimming back changed the KV storage")
                 if b:
                     blk.append({"static_tps": steps / ts, "lazy_tps": steps / tl, "ratio": ts / tl})
-            out[str(ctx)] = {"start": start, "end": pos, "blocks": blk, "max_abs_diff": diff,
-                             "kv_bytes": sess.kv_bytes, "steps": steps}
+            out[str(ctx)] = {"start": start, "end": start + steps, "blocks": blk,
+                             "max_abs_diff": diff, "kv_bytes": sess.kv_bytes, "steps": steps}
     return out
 
 

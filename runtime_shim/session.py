@@ -30,8 +30,10 @@ from lazykv.errors import (
     MemoryBudgetExceeded,
     SessionClosed,
     SessionFileError,
+    runtime_error,
 )
 from lazykv.runtime_shim.allocator import TrackingAllocator
+from lazykv.runtime_shim.fast_call import FastCall
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ class Session:
         self._kv: Dict[str, Optional[torch.Tensor]] = {b.fqn: None for b in program.buffers}
         self._filled = 0
         self._capacity = 0  # min positions over the lazy buffers; kept by _resize
+        # method -> FastCall (or None: not eligible); dropped whenever the storage changes.
+        self._fast: Dict[str, Optional[FastCall]] = {}
         self._closed = False
         # One call at a time per session (run, trim, reset, save, close).
         self._lock = threading.RLock()
@@ -193,7 +197,36 @@ class Session:
         session, one execute at a time per program.
         """
         with self._lock:
-            return self._run(method, inputs)
+            fast = self._fast.get(method)
+            if fast is not None:
+                need = fast.positions_after(inputs, self._filled)
+                if need:
+                    # program._execute inlined: each Python frame before the runtime's
+                    # execute shows in a small model's decode step (fast_call.py).
+                    prog = self.program
+                    try:
+                        with prog._lock:
+                            out = fast.execute([*inputs, *fast.kv])
+                    except RuntimeError as e:
+                        raise runtime_error(e, f"{prog.source}: running method {method!r}") from None
+                    self._filled = need
+                    return out
+            out = self._run(method, inputs)
+            if method not in self._fast and not self._closed:
+                self._fast[method] = self._build_fast(method)
+            return out
+
+    def _build_fast(self, method: str) -> Optional[FastCall]:
+        prog = self.program
+        info = prog.method_info(method)
+        if not info.uses_lazy:
+            return None
+        rule, bound = prog.fill_plan(method)
+        kv = [self._kv[fqn] for fqn in info.lazy_fqns]
+        if any(t is None for t in kv):
+            return None
+        return FastCall.build(info, rule, bound, prog.limits.get(method), kv, self._capacity,
+                              prog._method(method).execute)
 
     def _run(self, method: str, inputs: Sequence) -> List[torch.Tensor]:
         self._check_open()
@@ -301,6 +334,7 @@ class Session:
 
     def _resize(self, positions: int) -> None:
         """Every lazy buffer to ``positions`` (clamped to its bound), one at a time."""
+        self._fast.clear()  # their storage lists and capacities are about to change
         try:
             self._resize_each(positions)
         finally:  # also after a failure part-way: some buffers may have grown
@@ -396,6 +430,7 @@ class Session:
                 self._alloc.free(t, name=fqn)
                 del t
         self._capacity = 0
+        self._fast.clear()
         self._closed = True
         if not self.program.lazy:
             self.program._sessions_open -= 1

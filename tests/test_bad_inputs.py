@@ -145,6 +145,68 @@ ROWS = [
 ]
 
 
+def _decode(n):
+    """Setup: ``n`` single-token steps, as a generation loop makes them. After the first,
+    ``Session.run`` takes its fast path (``runtime_shim/fast_call.py``), which must refuse
+    everything the full checks refuse."""
+
+    def setup(p, s, st):
+        for _ in range(n):
+            s.run("forward", [_tok(3), _pos(st["pos"])])
+            st["pos"] += 1
+
+    return setup
+
+
+def _then(*setups):
+    return lambda p, s, st: [f(p, s, st) for f in setups]
+
+
+def _step(make):
+    """A bad single-token call at the session's next position: ``make(position)``."""
+    return lambda p, s, st: s.run("forward", make(st["pos"]))
+
+
+ROWS += [
+    Row(f"{name}_after_decode", "lazy", bad, error, message, setup=setup or _decode(3))
+    for name, bad, error, message, setup in [
+        ("token_id_eq_vocab", _at(_tok(VOCAB)), E.InvalidInput, r"token id 512, outside", None),
+        ("token_id_negative", _at(_tok(-1)), E.InvalidInput, r"token id -1, outside", None),
+        ("position_skips", _at(_tok(1), offset=1), E.InvalidInput,
+         r"starts at position 4 .* continue at 3", None),
+        ("position_repeats", _at(_tok(1), offset=-1), E.InvalidInput,
+         r"starts at position 2 .*trim\(1\)", None),
+        ("position_at_bound", _at(_tok(1)), E.ContextOverflow, r"positions 512\.\.512 go past",
+         _then(lambda p, s, st: _fill(s, CONTEXT - 2, st), _decode(2))),
+        ("tokens_int32", _at(_tok(1).to(torch.int32)), E.InvalidInput,
+         r"input 0 must be int64.*got dtype torch.int32", None),
+        ("tokens_float", _at(_tok(1).float()), E.InvalidInput,
+         r"input 0 must be int64.*got dtype torch.float32", None),
+        ("position_float", _step(lambda q: [_tok(1), torch.tensor([float(q)])]), E.InvalidInput,
+         r"input 1 must be int64.*dtype torch.float32", None),
+        ("position_int32", _step(lambda q: [_tok(1), _pos(q).int()]), E.InvalidInput,
+         r"input 1 must be int64.*dtype torch.int32", None),
+        ("tokens_1d", _step(lambda q: [torch.tensor([1]), _pos(q)]), E.InvalidInput,
+         r"input 0 must have 2 dims .*got shape \[1\]", None),
+        ("tokens_batch_2", _step(lambda q: [torch.zeros((2, 1), dtype=torch.long), _pos(q)]),
+         E.InvalidInput, r"got shape \[2, 1\]", None),
+        ("position_shape", _step(lambda q: [_tok(1), torch.tensor([[q]])]), E.InvalidInput,
+         r"input 1 must have 1 dims", None),
+        ("tokens_python_list", _step(lambda q: [[[1]], _pos(q)]), E.InvalidInput,
+         r"input 0 must be a tensor .*got list", None),
+        ("too_few_inputs", _step(lambda q: [_tok(1)]), E.InvalidInput,
+         r"forward takes 2 input\(s\).*got 1", None),
+        ("kv_cache_passed_by_user",
+         _step(lambda q: [_tok(1), _pos(q)] + [torch.zeros(1, CONTEXT, 2, 32)] * 4),
+         E.InvalidInput, r"got 6; pass the user inputs only", None),
+        ("inputs_not_a_list", _run(lambda: _tok(1)), E.InvalidInput, r"inputs must be a list",
+         None),
+        ("unknown_method", _run([_tok(1), _pos(3)], "decode"),
+         E.UnknownMethod, r"no method 'decode'", None),
+    ]
+]
+
+
 # -- running a row ----------------------------------------------------------------------------
 
 
@@ -279,10 +341,11 @@ def test_session_used_after_close(programs):
     _, _, progs = programs
     s = progs["lazy"].session()
     s.run("forward", [_tok(1, 2), _pos(0)])
+    s.run("forward", [_tok(3), _pos(2)])  # a decode step: run's fast path from here on
     s.close()
     s.close()  # idempotent
     for what, call in [
-        ("run", lambda: s.run("forward", [_tok(3), _pos(2)])),
+        ("run", lambda: s.run("forward", [_tok(3), _pos(3)])),
         ("trim", lambda: s.trim(1)),
         ("reset", lambda: s.reset()),
         ("save", lambda: s.save("/nonexistent/never.kv")),

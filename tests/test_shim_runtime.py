@@ -88,28 +88,86 @@ def _last(logits):
 # -- exactness ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_bit_exact_prompt_then_decode(policy, shim_lazy_pte, shim_cache, static_method):
-    """64-token prompt + 200 greedy decode steps: lazy via shim == static via stock runtime."""
-    prog = load(shim_lazy_pte, policy=policy, cache_dir=shim_cache)
-    toks = _prompt(64, seed=1)
+def _prompt_then_decode_exact(prog, static_method, toks, steps=200):
+    """A prompt then ``steps`` greedy steps through ``prog``'s session, each call's logits
+    equal bit for bit to the static program's on the stock runtime; the session's stats."""
+    n = toks.shape[1]
     with prog.session() as s:
         ref = static_method.execute([toks, _pos(0)])[0]
         got = s.run("forward", [toks, _pos(0)])[0]
         assert torch.equal(ref, got) and (ref - got).abs().max().item() == 0.0
         nxt = _last(got)
-        for i in range(200):
+        for i in range(steps):
             t = torch.tensor([[nxt]])
-            ref = static_method.execute([t, _pos(64 + i)])[0]
-            got = s.run("forward", [t, _pos(64 + i)])[0]
+            ref = static_method.execute([t, _pos(n + i)])[0]
+            got = s.run("forward", [t, _pos(n + i)])[0]
             assert (ref - got).abs().max().item() == 0.0, f"step {i}"
             assert not torch.isnan(got).any()
             nxt = _last(got)
-        assert s.offset == 264
+        assert s.offset == n + steps
         st = s.stats
-        assert st.positions_filled == 264 and st.current_bytes == s.kv_bytes
-        if policy != "preallocate":
-            assert st.grow_events >= 8  # at least the first allocation of 8 buffers
+        assert st.positions_filled == n + steps and st.current_bytes == s.kv_bytes
+        return st
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_bit_exact_prompt_then_decode(policy, shim_lazy_pte, shim_cache, static_method):
+    """64-token prompt + 200 greedy decode steps: lazy via shim == static via stock runtime."""
+    prog = load(shim_lazy_pte, policy=policy, cache_dir=shim_cache)
+    st = _prompt_then_decode_exact(prog, static_method, _prompt(64, seed=1))
+    if policy != "preallocate":
+        assert st.grow_events >= 8  # at least the first allocation of 8 buffers
+
+
+@pytest.fixture(scope="session")
+def example_pair(example_static, example_lazy):
+    """(lazy path, static method on the stock runtime) of the project's example decoder."""
+    from lazykv.runtime_shim.program import _runtime
+
+    static = _runtime().load_program(str(example_static[1].path)).load_method("forward")
+    return str(example_lazy[1].path), static
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_example_model_bit_exact_prompt_then_decode(policy, example_pair, shim_cache):
+    """The example decoder (vocab 512, context 512): the same 64 + 200 as the tiny Llama."""
+    lazy_path, static_method = example_pair
+    prog = load(lazy_path, policy=policy, cache_dir=shim_cache)
+    toks = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(4))
+    _prompt_then_decode_exact(prog, static_method, toks)
+
+
+def test_decode_steps_skip_the_full_checks_until_storage_changes(lazy_prog, monkeypatch):
+    """A decode step whose storage already holds its position goes through
+    ``fast_call.FastCall`` (no ``session._validate``); the step that grows the storage, a
+    prompt, and the first step after a trim that shrinks run the full checks. Positions
+    re-run after a trim give the same logits as the first time."""
+    import lazykv.runtime_shim.session as session_mod
+
+    full = []
+    real = session_mod._validate
+    monkeypatch.setattr(session_mod, "_validate", lambda *a: (full.append(1), real(*a))[1])
+    with lazy_prog.session() as s:
+        first = _last(s.run("forward", [_prompt(10, seed=3), _pos(0)])[0])
+        assert len(full) == 1
+        grows, logits, tok = 0, [], first
+        for i in range(100):
+            cap = s.capacity
+            out = s.run("forward", [torch.tensor([[tok]]), _pos(10 + i)])[0]
+            logits.append(out.clone())
+            tok = _last(out)
+            grows += s.capacity != cap
+        assert grows >= 2 and len(full) == 1 + grows, (grows, len(full))
+        assert s.trim(30).positions == 30 and s.capacity >= 80  # doubling keeps 128
+        tok = _last(logits[69])  # the token the first pass fed at position 80
+        for i in range(80, 110):
+            out = s.run("forward", [torch.tensor([[tok]]), _pos(i)])[0]
+            assert torch.equal(out, logits[i - 10]), f"position {i}"
+            tok = _last(out)
+        assert len(full) == 1 + grows  # trim kept the storage: still the fast path
+        s.trim(100)  # shrinks the storage: the next step runs the full checks again
+        s.run("forward", [torch.tensor([[tok]]), _pos(s.offset)])
+        assert len(full) == 2 + grows
 
 
 def test_static_pte_runs_unchanged(shim_static_pte, static_method, shim_cache):
