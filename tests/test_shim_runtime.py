@@ -265,6 +265,26 @@ def test_close_returns_rss(shim_lazy_pte, shim_cache):
     assert _rss() - base <= 0.05 * kv_touched + (1 << 20)
 
 
+def test_trim_and_reset_return_rss(shim_lazy_pte, shim_cache):
+    """trim and reset give pages back to the OS, not only to a counter."""
+    prog = load(shim_lazy_pte, policy="step:256", cache_dir=shim_cache)
+    with prog.session() as warm:
+        warm.run("forward", [_prompt(8), _pos(0)])
+    base = _rss()
+    with prog.session() as s:
+        while s.offset + 127 <= 3000:
+            s.run("forward", [_prompt(127), _pos(s.offset)])
+        held = s.kv_bytes
+        grown = _rss()
+        assert grown - base >= 0.8 * held
+        freed = s.trim(s.offset - 100)  # 100 positions left: one step of 256
+        assert s.capacity == 256 and freed.bytes == held - 256 * prog.bytes_per_position
+        assert grown - _rss() >= 0.8 * freed.bytes
+        s.reset()
+        assert s.kv_bytes == 0
+        assert _rss() - base <= 0.05 * held + (1 << 20)
+
+
 # -- errors leave the session usable ---------------------------------------------------------
 
 
