@@ -211,6 +211,9 @@ class Session:
                         raise runtime_error(e, f"{prog.source}: running method {method!r}") from None
                     self._filled = need
                     return out
+                # Drop it before the full path: a grow there must free the old storage
+                # that fast.kv still references (else the whole old cache stays alive).
+                fast = None
             out = self._run(method, inputs)
             if method not in self._fast and not self._closed:
                 self._fast[method] = self._build_fast(method)

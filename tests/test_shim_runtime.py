@@ -265,6 +265,44 @@ def test_close_returns_rss(shim_lazy_pte, shim_cache):
     assert _rss() - base <= 0.05 * kv_touched + (1 << 20)
 
 
+def _status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def test_grow_in_a_decode_step_frees_each_old_buffer_as_it_goes(shim_lazy_pte, shim_cache):
+    """A decode step that doubles the storage (2048 -> 4096 positions) raises the
+    process's peak RSS by at most one buffer's old + new storage above what stays
+    committed: the old buffers die one at a time, in RSS and not only in the counters."""
+    prog = load(shim_lazy_pte, policy="doubling", cache_dir=shim_cache)
+    with prog.session() as s:
+        while s.offset < 2047:
+            n = min(127, 2047 - s.offset)
+            s.run("forward", [_prompt(n, seed=s.offset), _pos(s.offset)])
+        s.run("forward", [torch.tensor([[1]]), _pos(2047)])  # a decode step that fits
+        assert s.capacity == 2048
+        one_old = s.kv_bytes // len(prog.buffers)
+        s.run("forward", [torch.tensor([[1]]), _pos(2048)])  # warms a call at this size
+        s.trim(2)
+        assert s.capacity == 2048  # doubling holds 2048 for 2047
+        s.run("forward", [torch.tensor([[1]]), _pos(2047)])  # fits: the fast path again
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+        except OSError:
+            pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
+        s.run("forward", [torch.tensor([[1]]), _pos(2048)])  # grows to 4096
+        assert s.capacity == 4096
+        excess = _status("VmHWM") - _status("VmRSS")
+        assert excess <= 3 * one_old + (1 << 20), (
+            f"peak RSS {excess / 2**20:.1f} MiB above what stays; one buffer is "
+            f"{one_old / 2**20:.1f} MiB old, {2 * one_old / 2**20:.1f} MiB new"
+        )
+
+
 def test_trim_and_reset_return_rss(shim_lazy_pte, shim_cache):
     """trim and reset give pages back to the OS, not only to a counter."""
     prog = load(shim_lazy_pte, policy="step:256", cache_dir=shim_cache)
