@@ -10,8 +10,8 @@ matches goes straight to the runtime.
 
 It only ever accepts a subset of what the full checks accept: anything it is not sure
 of (a shape it has not seen, a call that needs the storage to grow, a token id out of
-range, a position that does not continue the session, a tuple subclass or tensor
-subclass) makes :meth:`FastCall.positions_after` return 0, and the session runs the full
+range, a position that does not continue the session, a subclass of list, tuple or
+tensor) makes :meth:`FastCall.positions_after` return 0, and the session runs the full
 checks, which raise the errors with their messages. It changes nothing before the
 runtime is called, so falling back is always safe. The session drops its fast paths
 whenever its KV storage changes (grow, shrink, close): the storage list and the capacity
@@ -62,8 +62,9 @@ class FastCall:
         ``kv``: the session's storage for ``info.lazy_fqns``, in order; ``capacity``:
         the positions all of it holds now; ``bound``/``rule``: ``program.fill_plan``;
         ``limits``: ``program.limits.get(method)`` (token inputs), or None;
-        ``execute``: the runtime method's ``execute`` (the caller holds the program's
-        lock around it and turns its errors into lazykv's).
+        ``execute``: runs the loaded method on a list of all its inputs and returns its
+        outputs (the caller holds the program's lock around it and turns its errors
+        into lazykv's).
         """
         if rule is None or not info.lazy_fqns:
             return None
