@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -10,7 +11,7 @@ import threading
 import time
 from struct import error as struct_error
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -298,8 +299,6 @@ class LazyProgram:
         raises on a bad program) did not run yet. The rebound copy is written to a
         temporary name in a thread while ``validate()`` runs, and enters the cache only
         once the program passed."""
-        from concurrent.futures import ThreadPoolExecutor, wait
-
         from lazykv.runtime_shim import fastpte
 
         try:
@@ -321,24 +320,19 @@ class LazyProgram:
                         d["dtype"] = None if dt is None else str(dt)
                 specs_of[name] = specs
             appended = {n: () for n in fp.method_names}
+            copy = None
             if lazy:
                 region, appended = fp.rebound_region(manifest, binding._SCALAR_TYPE_NAMES)
                 base = fp.segment_base_offset
                 known = self.digest is not None and binding.bound_path(cache_dir, self.digest).exists()
                 if not known:  # the digest may still be being computed: a temporary name
                     tmp = Path(cache_dir) / f"incoming-{os.getpid()}-{id(self)}.pte"
-                    with ThreadPoolExecutor(max_workers=1) as pool:
-                        copying = pool.submit(
-                            binding.write_with_segments,
-                            tmp, region, src_path, data, base, fp.file_size - base,
-                        )
-                        try:
-                            limits = validate()
-                        finally:
-                            wait([copying])  # a refusal wins over a failed copy
-                        copying.result()
-                else:
-                    limits = validate()
+                    copy = functools.partial(
+                        binding.write_with_segments,
+                        tmp, region, src_path, data, base, fp.file_size - base,
+                    )
+            limits = _validate_while(validate, copy)
+            if lazy:
                 self._resolve_digest()
                 dest = binding.bound_path(cache_dir, self.digest)
                 self.cache_hit = dest.exists()
@@ -348,8 +342,6 @@ class LazyProgram:
                     else:
                         os.replace(tmp, dest)
                     tmp = None
-            else:
-                limits = validate()
             methods = {
                 name: {"inputs": specs_of[name], "kv_fqns": list(appended[name])}
                 for name in fp.method_names
@@ -470,6 +462,24 @@ class LazyProgram:
             f"LazyProgram({self.source!r}, policy={self.policy.spec()!r}, "
             f"lazy_buffers={len(self.buffers)}, max_positions={self.max_positions})"
         )
+
+
+def _validate_while(validate: Callable[[], dict], copy: Optional[Callable[[], Any]]) -> dict:
+    """``validate()``, with ``copy()`` running in a thread meanwhile if given (the copy
+    releases the GIL). Both finish before this returns; a refusal by ``validate`` wins
+    over a failed copy."""
+    if copy is None:
+        return validate()
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        copying = pool.submit(copy)
+        try:
+            limits = validate()
+        finally:
+            wait([copying])
+        copying.result()
+    return limits
 
 
 def _input_spec(plan, i: int) -> InputSpec:
