@@ -432,7 +432,11 @@ class LazyProgram:
             try:
                 return list(m.execute(inputs))
             except RuntimeError as e:
-                raise runtime_error(e, f"{self.source}: running method {name!r}") from None
+                raise self._execution_error(e, name) from None
+
+    def _execution_error(self, e: RuntimeError, name: str) -> LazyKVError:
+        """The lazykv error for the runtime's failure ``e`` while running method ``name``."""
+        return runtime_error(e, f"{self.source}: running method {name!r}")
 
     def constant(self, method: str) -> Any:
         """Run a method that takes no inputs (e.g. ``get_vocab_size``) and return its value."""

@@ -30,7 +30,6 @@ from lazykv.errors import (
     MemoryBudgetExceeded,
     SessionClosed,
     SessionFileError,
-    runtime_error,
 )
 from lazykv.runtime_shim.allocator import TrackingAllocator
 from lazykv.runtime_shim.fast_call import FastCall
@@ -208,7 +207,7 @@ class Session:
                         with prog._lock:
                             out = fast.execute([*inputs, *fast.kv])
                     except RuntimeError as e:
-                        raise runtime_error(e, f"{prog.source}: running method {method!r}") from None
+                        raise prog._execution_error(e, method) from None
                     self._filled = need
                     return out
                 # Drop it before the full path: a grow there must free the old storage
