@@ -20,6 +20,7 @@ held here are only valid until then.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Set, Tuple
 
 import torch
@@ -77,7 +78,7 @@ class FastCall:
             bounds.append(tuple(spec.sizes) if spec.dynamic else None)
         pos_spec = info.inputs[rule.position_input] if rule.position_input < len(info.inputs) else None
         if (pos_spec is None or pos_spec.dynamic or pos_spec.dtype not in _INTEGER_DTYPES
-                or _numel(pos_spec.sizes) != 1 or rule.position_index != 0
+                or math.prod(pos_spec.sizes) != 1 or rule.position_index != 0
                 or rule.length_input >= len(info.inputs)
                 or rule.length_axis >= len(info.inputs[rule.length_input].sizes)):
             return None
@@ -128,10 +129,3 @@ class FastCall:
         if len(self._shapes[i]) < _MAX_SHAPES:
             self._shapes[i].add(tuple(shape))
         return True
-
-
-def _numel(sizes) -> int:
-    n = 1
-    for d in sizes:
-        n *= int(d)
-    return n
