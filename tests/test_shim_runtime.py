@@ -243,9 +243,16 @@ def test_trim_reset_close_give_memory_back(shim_lazy_pte, shim_cache, static_met
         s.run("forward", [toks, _pos(0)])
 
 
+def _status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
 def _rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return _status("VmRSS")
 
 
 def test_close_returns_rss(shim_lazy_pte, shim_cache):
@@ -263,14 +270,6 @@ def test_close_returns_rss(shim_lazy_pte, shim_cache):
     assert grown - base >= 0.8 * kv_touched
     s.close()
     assert _rss() - base <= 0.05 * kv_touched + (1 << 20)
-
-
-def _status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def test_grow_in_a_decode_step_frees_each_old_buffer_as_it_goes(shim_lazy_pte, shim_cache):
