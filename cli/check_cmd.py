@@ -171,15 +171,10 @@ def check(ctx, files, expect_lazy_kv, max_planned_bytes, max_load_bytes,
             f"--config FILE or [tool.lazykv.check] of ./pyproject.toml", ctx)
     if source and not as_json:
         click.echo(f"rules from {source}", err=True)
-    if rules.runs:
-        if not (ctx.obj and ctx.obj.get("debug")):
-            from lazykv.cli._quiet import silence_import_noise
+    if rules.runs and not (ctx.obj and ctx.obj.get("debug")):
+        from lazykv.cli._quiet import silence_import_noise
 
-            silence_import_noise()  # the runtime imports torch; the group left it to us
-    else:
-        from lazykv._light_imports import defer_executorch_package_inits
-
-        defer_executorch_package_inits()
+        silence_import_noise()  # the runtime imports torch; the group left it to us
 
     def progress(fr):
         if not as_json and fr.error is not None:

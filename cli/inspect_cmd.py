@@ -87,10 +87,7 @@ def inspect(file, as_json):
     kv_bytes_at_max_context, lazy_kv_bytes, constants, mutable_buffers.
     Exit code 2 when FILE cannot be read.
     """
-    from lazykv._light_imports import defer_executorch_package_inits
-
-    defer_executorch_package_inits()
-    from lazykv.inspect import inspect_pte
+    from lazykv.inspect import inspect_pte  # torch-free: the format layer only
 
     info = inspect_pte(file)
     if as_json:

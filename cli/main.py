@@ -34,8 +34,9 @@ class _Group(click.Group):
 
 
 #: Commands that may not need torch (2 s to import): the group does not import it for
-#: them (``check`` quiets torch's logger itself when ``--runs`` needs the runtime).
-_TORCH_FREE_COMMANDS = frozenset({"check"})
+#: them (``check`` quiets torch's logger itself when ``--runs`` needs the runtime;
+#: ``inspect`` never needs it).
+_TORCH_FREE_COMMANDS = frozenset({"check", "inspect"})
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

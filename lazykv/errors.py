@@ -68,14 +68,20 @@ class ProgramRejected(InvalidProgram):
     error code."""
 
 
+class UnsupportedVersion(LazyKVError):
+    """The installed ExecuTorch or torch is outside the versions lazykv supports (it
+    reaches into private APIs that change between releases: :mod:`lazykv._et_compat`)."""
+
+
 class ExecutionFailed(LazyKVError):
     """The ExecuTorch runtime reported an error while running a method (a kernel check
     failed); the session is left as it was before the call."""
 
 
-#: ExecuTorch's ``runtime/core/error.h`` codes.
+#: ExecuTorch's ``runtime/core/error.h`` codes (the one table: runtime errors and the
+#: native helper's ``set_option``/``get_option`` results).
 ET_ERROR_NAMES = {
-    0x01: "Internal", 0x02: "InvalidState", 0x03: "EndOfMethod", 0x04: "AlreadyLoaded",
+    0x00: "Ok", 0x01: "Internal", 0x02: "InvalidState", 0x03: "EndOfMethod", 0x04: "AlreadyLoaded",
     0x10: "NotSupported", 0x11: "NotImplemented", 0x12: "InvalidArgument",
     0x13: "InvalidType", 0x14: "OperatorMissing", 0x15: "RegistrationExceedingMaxKernels",
     0x16: "RegistrationAlreadyRegistered", 0x20: "NotFound", 0x21: "MemoryAllocationFailed",

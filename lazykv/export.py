@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
+from lazykv import _et_compat
 from lazykv.errors import LazyKVError
 from lazykv.models.llama import PRESETS, LlamaShape, write_random_checkpoint
 
@@ -159,9 +160,7 @@ def _to_executorch(edge_manager, lazy: bool, shared_constants=()):
         )
     if shared_constants:
         manifest = Manifest(shared_constants=tuple(shared_constants), producer=producer_string())
-        # EdgeProgramManager has no public way to add named data; its store is what
-        # to_executorch serializes into the .pte, so the manifest goes there.
-        edge_manager._named_data_store.add_named_data(MANIFEST_KEY, manifest.to_bytes())
+        _et_compat.named_data_store(edge_manager).add_named_data(MANIFEST_KEY, manifest.to_bytes())
     return edge_manager.to_executorch(_backend_config(False, multi))
 
 
@@ -169,9 +168,9 @@ def _share_constants(cfg: "ExportConfig", programs: dict):
     """Shared constants of a multi-method export (refuses divergent FQNs)."""
     if len(programs) < 2:
         return ()
-    from lazykv.passes.share_constants_by_fqn import ShareConstantsByFQN
+    from lazykv.passes import share_constants_by_fqn
 
-    return ShareConstantsByFQN(allow_divergent=cfg.allow_divergent_constants)(programs)
+    return share_constants_by_fqn(programs, allow_divergent=cfg.allow_divergent_constants)
 
 
 def checkpoint_for(shape: LlamaShape, seed: int) -> tuple[Path, Path]:
@@ -193,13 +192,8 @@ def checkpoint_for(shape: LlamaShape, seed: int) -> tuple[Path, Path]:
 
 
 def _llama_builder(cfg: ExportConfig):
-    """``(LlmConfig, LLMEdgeManager)`` for ExecuTorch's Llama, built the way export_llm does.
-
-    ``export_llama_lib._prepare_for_llama_export`` is private, but it is the one function
-    that loads params + checkpoint and applies export_llm's source transforms (custom KV
-    cache, custom SDPA), so we call it rather than re-implement it.
-    """
-    from executorch.examples.models.llama.export_llama_lib import _prepare_for_llama_export
+    """``(LlmConfig, LLMEdgeManager)`` for ExecuTorch's Llama, built the way export_llm does
+    (:func:`lazykv._et_compat.prepare_llama_export`)."""
     from executorch.extension.llm.export.config.llm_config import LlmConfig
 
     params, ckpt = checkpoint_for(cfg.llama_shape, cfg.seed)
@@ -212,7 +206,7 @@ def _llama_builder(cfg: ExportConfig):
     llm.export.max_context_length = cfg.max_context
     llm.export.max_seq_length = cfg.max_seq_len
     llm.export.output_dir = str(cache_dir() / "export_llm_out")
-    return llm, _prepare_for_llama_export(llm)
+    return llm, _et_compat.prepare_llama_export(llm)
 
 
 def _example_model(cfg: ExportConfig):
@@ -263,9 +257,6 @@ def _mask_free(cfg: ExportConfig):
 
 
 def _export_llama(cfg: ExportConfig, stages: _Stages):
-    # Private, but it is the partitioner list export_llm itself uses for XNNPACK.
-    from executorch.examples.models.llama.export_llama_lib import _get_xnnpack_partitioners
-
     def build():
         with _mask_free(cfg):
             return _llama_builder(cfg)
@@ -283,7 +274,7 @@ def _export_llama(cfg: ExportConfig, stages: _Stages):
 
             gm = builder.pre_autograd_graph_module
             with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
-                prefill = builder._export(gm)
+                prefill = _et_compat.export_with_builder(builder, gm)
                 # Same calling convention as prefill's example inputs: (tokens,
                 # {"input_pos": pos}) positionally, or tokens plus kwargs.
                 tok = torch.zeros((1, 1), dtype=builder.example_inputs[0].dtype)
@@ -301,7 +292,7 @@ def _export_llama(cfg: ExportConfig, stages: _Stages):
     shared = _share_constants(cfg, programs)
 
     def lower():
-        parts = _get_xnnpack_partitioners(llm) if cfg.xnnpack else None
+        parts = _et_compat.llama_xnnpack_partitioners(llm) if cfg.xnnpack else None
         with _mask_free(cfg):
             if not programs:
                 builder.to_edge_transform_and_lower(parts)
@@ -311,7 +302,7 @@ def _export_llama(cfg: ExportConfig, stages: _Stages):
             return to_edge_transform_and_lower(
                 programs,
                 partitioner=parts,
-                compile_config=builder._get_edge_config(),
+                compile_config=_et_compat.builder_edge_config(builder),
                 constant_methods=builder.metadata,
             )
 
@@ -319,9 +310,7 @@ def _export_llama(cfg: ExportConfig, stages: _Stages):
 
     def plan():
         # Same as LLMEdgeManager.to_executorch, whose config cannot be changed.
-        from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
-
-        edge.transform([ConvertToLinearPass()])
+        edge.transform([_et_compat.convert_to_linear_pass()])
         return _to_executorch(edge, cfg.lazy_kv_cache, shared)
 
     return stages.run("plan", plan)

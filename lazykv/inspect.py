@@ -1,129 +1,87 @@
 """What a ``.pte`` holds and what it will cost at load: the data behind ``lazykv inspect``
 (and ``lazykv check``).
 
-Read with ExecuTorch's own flatbuffer deserializer through :mod:`lazykv.pte_file` (no
-weight bytes are read). The JSON keys documented in :func:`inspect_pte` are a contract:
-later commands and users' CI scripts rely on them.
+Read through lazykv's format layer (:mod:`lazykv.format`: the program flatbuffer only,
+no weight bytes) and checked with :func:`lazykv.verify.check_program` (pure Python):
+neither torch nor ExecuTorch is imported. The JSON keys documented in
+:func:`inspect_pte` are a contract: later commands and users' CI scripts rely on them.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Union
 
-from executorch.exir.schema import (
-    Bool,
-    DelegateCall,
-    Double,
-    Int,
-    KernelCall,
-    String,
-    Tensor,
-    TensorShapeDynamism,
-)
+from lazykv.format import schema as S
+from lazykv.format.program import BOOL, DOUBLE, INT, STRING, TENSOR, Plan, Tensor
+from lazykv.format.pte import PteFile, open_pte
+from lazykv.verify import check_program
 
-from lazykv.pte_file import PteFile, open_pte
-
-_SCALAR_NAMES = {
-    0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32",
-    7: "float64", 11: "bool", 15: "bfloat16", 27: "uint16", 28: "uint32", 29: "uint64",
-}
-_SCALAR_BYTES = {
-    "uint8": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "float16": 2, "float32": 4,
-    "float64": 8, "bool": 1, "bfloat16": 2, "uint16": 2, "uint32": 4, "uint64": 8,
-}
 #: Kernels whose second argument is a cache written in place at a position.
 _CACHE_UPDATE_OPS = {
     "llama::update_cache": 1,
     "llama::update_cache_with_indices": 1,
     "llama::update_quantized_cache": 1,
 }
-
-
-def dtype_name(scalar_type) -> str:
-    """``torch``-style dtype name of an ExecuTorch ``ScalarType``."""
-    return _SCALAR_NAMES.get(int(scalar_type), f"scalar_type_{int(scalar_type)}")
-
-
-def tensor_nbytes(t: Tensor) -> int:
-    """Bytes of a serialized tensor at its recorded (upper-bound) shape."""
-    n = _SCALAR_BYTES.get(dtype_name(t.scalar_type), 1)
-    for d in t.sizes:
-        n *= d
-    return n
+_SCALAR_JSON = {INT: ("int", "ints"), BOOL: ("bool", "scalars"), DOUBLE: ("float", "scalars"),
+                STRING: ("str", "strings")}
 
 
 def _tensor_json(idx: int, t: Tensor) -> dict:
     return {
         "value_index": idx,
         "shape": list(t.sizes),
-        "dtype": dtype_name(t.scalar_type),
-        "dynamism": TensorShapeDynamism(t.shape_dynamism).name,
-        "nbytes": tensor_nbytes(t),
-        "planned": t.allocation_info is not None,
+        "dtype": t.dtype,
+        "dynamism": S.DYNAMISM_NAMES.get(t.dynamism, str(t.dynamism)),
+        "nbytes": t.nbytes,
+        "planned": t.allocation is not None,
     }
 
 
-def _evalue_json(idx: int, v) -> dict:
-    val = v.val
-    if isinstance(val, Tensor):
-        return _tensor_json(idx, val)
-    if isinstance(val, Int):
-        return {"value_index": idx, "type": "int", "value": val.int_val}
-    if isinstance(val, Bool):
-        return {"value_index": idx, "type": "bool", "value": val.bool_val}
-    if isinstance(val, Double):
-        return {"value_index": idx, "type": "float", "value": val.double_val}
-    if isinstance(val, String):
-        return {"value_index": idx, "type": "str", "value": val.string_val}
-    return {"value_index": idx, "type": type(val).__name__}
+def _value_json(plan: Plan, idx: int) -> dict:
+    kind = plan.kinds[idx]
+    if kind == TENSOR:
+        return _tensor_json(idx, plan.tensors[idx])
+    if kind in _SCALAR_JSON:
+        name, table = _SCALAR_JSON[kind]
+        return {"value_index": idx, "type": name, "value": getattr(plan, table)[idx]}
+    return {"value_index": idx, "type": kind}
 
 
-def _is_constant_method(plan) -> bool:
-    return not plan.inputs and all(not c.instructions for c in plan.chains)
-
-
-def _mutable_buffers(plan) -> Dict[int, Tensor]:
+def _mutable_buffers(plan: Plan) -> Dict[int, Tensor]:
     """Value index -> tensor for the plan's mutable buffers.
 
     The emitter writes placeholders first (parameters, buffers, then user inputs);
     constants carry a data buffer, so a non-constant tensor placed before the first user
     input is a mutable buffer. A tensor with an FQN that is not constant is one too.
     """
-    first_input = min(plan.inputs) if plan.inputs else len(plan.values)
+    first_input = min(plan.inputs) if plan.inputs else len(plan.kinds)
+    inputs, outputs = set(plan.inputs), set(plan.outputs)
     out = {}
-    for i, v in enumerate(plan.values):
-        t = v.val
-        if not isinstance(t, Tensor) or t.data_buffer_idx != 0:
+    for i, t in plan.tensors.items():
+        if t.data_buffer_idx != 0 or i in outputs or i in inputs:
             continue
-        named = t.extra_tensor_info is not None and t.extra_tensor_info.fully_qualified_name
-        if i in plan.outputs or i in plan.inputs:
-            continue
-        planned_or_unbound = (
-            t.allocation_info is not None
-            or t.shape_dynamism == TensorShapeDynamism.DYNAMIC_UNBOUND
-        )
-        if (i < first_input and planned_or_unbound) or named:
+        planned_or_unbound = t.allocation is not None or t.dynamism == S.DYNAMIC_UNBOUND
+        if (i < first_input and planned_or_unbound) or t.fqn:
             out[i] = t
     return out
 
 
-def _cache_targets(plan) -> set:
+def _cache_targets(plan: Plan) -> set:
     """Value indices written by a position-indexed cache update kernel."""
     targets = set()
-    ops = [f"{o.name}" for o in plan.operators]
-    for chain in plan.chains:
-        for ins in chain.instructions:
-            a = ins.instr_args
-            if isinstance(a, KernelCall) and 0 <= a.op_index < len(ops):
-                pos = _CACHE_UPDATE_OPS.get(ops[a.op_index])
-                if pos is not None and pos < len(a.args):
-                    targets.add(a.args[pos])
+    for op, args in plan.kernel_calls():
+        pos = _CACHE_UPDATE_OPS.get(op.name)
+        if pos is not None and pos < len(args):
+            targets.add(args[pos])
     return targets
 
 
 def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
-    """Describe a ``.pte`` as a JSON-ready dict.
+    """Describe a ``.pte`` as a JSON-ready dict (checked with
+    :func:`lazykv.verify.check_program` first: a corrupt file raises
+    :class:`lazykv.errors.InvalidProgram` naming the problem).
 
     Keys (a contract):
       ``planned_bytes``: bytes the runtime allocates for planned arenas at load: per
@@ -142,9 +100,15 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
       ``constants``: {``count``, ``bytes``, ``named_data_count``, ``named_data_bytes``,
         ``by_method``}; ``manifest``: the lazykv manifest as stored, or None.
     """
-    pte = path_or_pte if isinstance(path_or_pte, PteFile) else open_pte(path_or_pte)
+    if isinstance(path_or_pte, PteFile):
+        return _inspect(path_or_pte)
+    with open_pte(path_or_pte) as pte:
+        return _inspect(pte)
+
+
+def _inspect(pte: PteFile) -> dict:
     program = pte.program
-    manifest = pte.manifest
+    manifest = check_program(pte)
     lazy_fqns = {b.fqn: b for b in manifest.lazy_buffers} if manifest else {}
 
     methods: Dict[str, dict] = {}
@@ -154,48 +118,42 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
     const_count = 0
     const_bytes = 0
     seen_const = set()
-    for plan in program.execution_plan:
-        if _is_constant_method(plan):
-            vals = [_evalue_json(i, plan.values[i]) for i in plan.outputs]
+    for plan in program.plans:
+        if plan.is_constant_method:
+            vals = [_value_json(plan, i) for i in plan.outputs]
             constant_methods[plan.name] = vals[0].get("value") if len(vals) == 1 else vals
             continue
-        sizes = list(plan.non_const_buffer_sizes)
+        sizes = list(plan.arenas)
         for mem_id in range(1, len(sizes)):
             while len(arena_max) < mem_id:
                 arena_max.append(0)
             arena_max[mem_id - 1] = max(arena_max[mem_id - 1], sizes[mem_id])
-        consts = [
-            (i, v.val)
-            for i, v in enumerate(plan.values)
-            if isinstance(v.val, Tensor) and v.val.data_buffer_idx > 0
-        ]
+        consts = [(i, t) for i, t in plan.tensors.items() if t.data_buffer_idx > 0]
         for i, t in consts:
             if t.data_buffer_idx not in seen_const:
                 seen_const.add(t.data_buffer_idx)
                 const_count += 1
-                const_bytes += tensor_nbytes(t)
+                const_bytes += t.nbytes
         targets = _cache_targets(plan)
         for i, t in _mutable_buffers(plan).items():
-            fqn = (t.extra_tensor_info.fully_qualified_name if t.extra_tensor_info else None)
-            key = fqn or (
-                f"mem{t.allocation_info.memory_id}@{t.allocation_info.memory_offset_low}"
-                f"+{t.allocation_info.memory_offset_high << 32}"
-                if t.allocation_info is not None
-                else f"{plan.name}:value{i}"
+            a = t.allocation
+            key = t.fqn or (
+                f"mem{a.memory_id}@{a.offset_low}+{a.offset_high << 32}"
+                if a is not None else f"{plan.name}:value{i}"
             )
-            lazy = fqn in lazy_fqns or t.shape_dynamism == TensorShapeDynamism.DYNAMIC_UNBOUND
+            lazy = t.fqn in lazy_fqns or t.dynamism == S.DYNAMIC_UNBOUND
             entry = buffers.get(key)
             if entry is None:
-                lb = lazy_fqns.get(fqn) if fqn else None
+                lb = lazy_fqns.get(t.fqn) if t.fqn else None
                 entry = {
-                    "fqn": fqn,
+                    "fqn": t.fqn,
                     "shape": list(lb.max_shape) if lb else list(t.sizes),
-                    "dtype": dtype_name(t.scalar_type),
-                    "dynamism": TensorShapeDynamism(t.shape_dynamism).name,
-                    "nbytes": lb.nbytes_at_max if lb else tensor_nbytes(t),
+                    "dtype": t.dtype,
+                    "dynamism": S.DYNAMISM_NAMES.get(t.dynamism, str(t.dynamism)),
+                    "nbytes": lb.nbytes_at_max if lb else t.nbytes,
                     "lazy": bool(lazy),
                     "kv": bool(lb) or i in targets,
-                    "arena": None if t.allocation_info is None else t.allocation_info.memory_id,
+                    "arena": None if a is None else a.memory_id,
                     "growth_axis": lb.growth_axis if lb else None,
                     "bytes_per_position": lb.bytes_per_position if lb else None,
                     "methods": [],
@@ -205,33 +163,29 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
             entry["kv"] = entry["kv"] or i in targets
             entry["methods"].append(plan.name)
             entry["value_index"][plan.name] = i
-        ops = sorted({f"{o.name}" + (f".{o.overload}" if o.overload else "") for o in plan.operators})
         delegates = []
         for d in plan.delegates:
             size = None
-            if d.processed.location == 1 and program.segments:  # DataLocation.SEGMENT
-                if 0 <= d.processed.index < len(program.segments):
-                    size = program.segments[d.processed.index].size
+            if d.location == S.SEGMENT and 0 <= d.index < len(program.segments):
+                size = program.segments[d.index].size
             delegates.append({"id": d.id, "bytes": size})
         methods[plan.name] = {
             "planned_bytes": sum(sizes[1:]),
             "arenas": sizes[1:],
-            "inputs": [_evalue_json(i, plan.values[i]) for i in plan.inputs],
-            "outputs": [_evalue_json(i, plan.values[i]) for i in plan.outputs],
-            "operators": ops,
+            "inputs": [_value_json(plan, i) for i in plan.inputs],
+            "outputs": [_value_json(plan, i) for i in plan.outputs],
+            "operators": sorted({o.full_name for o in plan.operators}),
             "delegates": delegates,
-            "constants": {"count": len(consts), "bytes": sum(tensor_nbytes(t) for _, t in consts)},
+            "constants": {"count": len(consts), "bytes": sum(t.nbytes for _, t in consts)},
             "instructions": sum(len(c.instructions) for c in plan.chains),
         }
 
-    named = [nd for nd in (program.named_data or []) if not nd.key.startswith("lazykv/")]
+    named = [nd for nd in program.named_data if not nd.key.startswith("lazykv/")]
     named_keys = {nd.key for nd in named}
-    named_bytes = 0
-    for nd in named:
-        if 0 <= nd.segment_index < len(program.segments or []):
-            named_bytes += program.segments[nd.segment_index].size
+    named_bytes = sum(program.segments[nd.segment_index].size for nd in named)
     all_buffers = list(buffers.values())
     kv = [b for b in all_buffers if b["kv"] or b["lazy"]]
+    shared = manifest.shared_constants if manifest else ()
     return {
         "file": pte.source,
         "file_bytes": pte.file_size,
@@ -255,14 +209,12 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
             {"fqn": c.fqn, "nbytes": c.nbytes, "methods": list(c.methods),
              "stored_once": c.stored_once, "storage_key": c.storage_key,
              "stored_in": ("named_data" if c.storage_key in named_keys else "constant_segment")}
-            for c in (manifest.shared_constants if manifest else ())
+            for c in shared
         ],
         # Resident bytes a per-method copy of each shared constant would cost on top of
         # one copy (what the XNNPACK weight cache saves when methods share weights).
         "shared_constant_bytes_saved": sum(
-            c.nbytes * (len(c.methods) - 1)
-            for c in (manifest.shared_constants if manifest else ())
-            if c.stored_once
+            c.nbytes * (len(c.methods) - 1) for c in shared if c.stored_once
         ),
-        "manifest": None if manifest is None else __import__("json").loads(manifest.to_json()),
+        "manifest": None if manifest is None else json.loads(manifest.to_json()),
     }

@@ -18,6 +18,7 @@ import json
 from typing import Any, Dict, List, Optional, Tuple
 
 from lazykv.errors import ManifestError
+from lazykv.format.scalar_type import BY_DTYPE
 
 #: Named-data key of the manifest blob inside the ``.pte``.
 MANIFEST_KEY = "lazykv/manifest"
@@ -26,19 +27,12 @@ MANIFEST_VERSION = 1
 #: ``format`` field value; a blob with another value is someone else's.
 MANIFEST_FORMAT = "lazykv-manifest"
 
-#: dtype names in the manifest -> bytes per element.
-DTYPE_BYTES = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "float64": 8,
-    "int8": 1,
-    "uint8": 1,
-    "int16": 2,
-    "int32": 4,
-    "int64": 8,
-    "bool": 1,
-}
+#: dtypes a lazy buffer may have (torch's names; the shim allocates their storage with
+#: torch). Bytes per element come from the one ScalarType table.
+LAZY_DTYPES = frozenset({
+    "float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64",
+    "bool",
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +72,7 @@ class LazyBuffer:
     methods: Tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES:
+        if self.dtype not in LAZY_DTYPES:
             raise ManifestError(f"lazy buffer {self.fqn!r}: unknown dtype {self.dtype!r}")
         if not 0 <= self.growth_axis < len(self.max_shape):
             raise ManifestError(
@@ -96,7 +90,7 @@ class LazyBuffer:
     @property
     def bytes_per_position(self) -> int:
         """Bytes one position along the growth axis occupies."""
-        n = DTYPE_BYTES[self.dtype]
+        n = BY_DTYPE[self.dtype].itemsize
         for i, d in enumerate(self.max_shape):
             if i != self.growth_axis:
                 n *= d

@@ -22,6 +22,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from lazykv import _et_compat
 from lazykv.errors import ExportRefused
 
 
@@ -56,10 +57,8 @@ def drop_unused_meta_buffers(ep: ExportedProgram, method: str = "forward") -> Li
     removed = []
     for spec, node in doomed:
         signature.input_specs.remove(next(s for s in signature.input_specs if s.arg.name == spec.arg.name))
-        ep._state_dict.pop(spec.target, None)
-        ep._constants.pop(spec.target, None)
         ep.graph_module.graph.erase_node(node)
         removed.append(spec.target)
-    ep._graph_signature = signature
+    _et_compat.drop_program_state(ep, removed, signature)
     ep.graph_module.recompile()
     return removed

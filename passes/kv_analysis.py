@@ -37,7 +37,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, Output
 from torch.fx import GraphModule, Node
 
 from lazykv.errors import ExportRefused
-from lazykv.manifest import DTYPE_BYTES, FillRule
+from lazykv.manifest import LAZY_DTYPES, FillRule
 
 #: What the refusal messages suggest when attention reads the whole cache.
 FULL_READ_FIX = (
@@ -548,7 +548,7 @@ def _analyze_buffer(m: _Method, fqn: str, ph: Node, explicit: bool):
             f"cache in place with llama::update_cache (ExecuTorch Llama: "
             f"use_sdpa_with_kv_cache=True)."
         )
-    if str(val.dtype).replace("torch.", "") not in DTYPE_BYTES:
+    if str(val.dtype).replace("torch.", "") not in LAZY_DTYPES:
         raise ExportRefused(f"{where}: dtype {val.dtype} is not supported by lazykv")
     max_shape = tuple(_static(d) for d in val.shape)
     if any(d is None for d in max_shape):

@@ -35,7 +35,9 @@ from executorch.exir.schema import TensorShapeDynamism
 from torch.export.graph_signature import ExportGraphSignature
 from torch.fx import GraphModule
 
+from lazykv import _et_compat
 from lazykv.errors import ExportRefused, NoMatchingBuffer
+from lazykv.format.scalar_type import BY_DTYPE, nbytes
 from lazykv.manifest import MANIFEST_KEY, FillRule, LazyBuffer, Manifest, producer_string
 from lazykv.passes.kv_analysis import MethodAnalysis
 from lazykv.passes.mark_lazy_kv import MarkLazyKVPass
@@ -235,12 +237,7 @@ class LazyKVMemoryPlanningPass(PassBase):
         lazy = {c.fqn for c in analysis.caches}
         # With share_mutable_buffers=True, ExecuTorch's run_multimethod puts every
         # mutable buffer it recorded on memory id 2 regardless of dynamism: forget ours.
-        inner_state = getattr(self.inner, "state", None)
-        for attr in ("mutable_buffers", "maybe_mutable_buffers"):
-            table = getattr(inner_state, attr, None)
-            if isinstance(table, dict):
-                for fqn in lazy:
-                    table.pop(fqn, None)
+        _et_compat.forget_mutable_buffers(self.inner, lazy)
         for c in analysis.caches:
             spec = c.placeholder.meta["spec"]
             if (
@@ -278,9 +275,4 @@ class LazyKVMemoryPlanningPass(PassBase):
 
 
 def _nbytes(shape, dtype: str) -> int:
-    from lazykv.manifest import DTYPE_BYTES
-
-    n = DTYPE_BYTES[dtype]
-    for d in shape:
-        n *= d
-    return n
+    return nbytes(BY_DTYPE[dtype].code, shape)

@@ -28,8 +28,8 @@ from typing import Any, Dict, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
+from lazykv import _et_compat
 from lazykv.errors import ExportRefused
 
 _FACTORIES = {torch.ones, torch.zeros, torch.full, torch.empty}
@@ -99,7 +99,7 @@ class no_causal_masks(TorchFunctionMode):
         """An N-wide meta tensor (a mask we kept off the heap) mixed with real tensors."""
         n = self.max_context
         masks, real = [], False
-        for t in tree_flatten((args, kwargs))[0]:
+        for t in _et_compat.tree_flatten((args, kwargs)):
             if not isinstance(t, torch.Tensor):
                 continue
             if t.device.type == "meta":

@@ -1,4 +1,10 @@
-"""Key every constant by its fully qualified name (FQN) across the methods of a program.
+"""The constant-sharing pass: key every constant by its fully qualified name (FQN)
+across the methods of a program.
+
+One of lazykv's two export-time passes (the other makes KV caches lazy). Its records
+travel in the manifest (``to_executorch_lazy(..., shared_constants=...)``); at run time
+XNNPACK's weight cache (:mod:`lazykv.runtime_shim.weight_cache`) keeps one packed copy of
+each shared weight, and ``lazykv check --no-duplicate-constants`` verifies both.
 
 Run on the methods' ``ExportedProgram``s *before* lowering (``torch.export`` output or
 ``EdgeProgramManager`` programs before ``to_backend``): that is the last point where every
@@ -75,12 +81,14 @@ def _constants_of(program) -> Dict[str, torch.Tensor]:
 
 
 class ShareConstantsByFQN:
-    """Find the constants that several methods hold under one FQN; refuse divergent ones.
+    """The constant-sharing pass: find the constants that several methods hold under one
+    FQN; refuse divergent ones.
 
-    Call it with ``{method_name: ExportedProgram}``; it returns the shared constants
-    (FQNs used by two or more methods), in FQN order. ``exclude`` lists FQNs that are
-    not constants in the runtime sense (e.g. KV caches lifted as constants because a
-    custom op mutates them in place); they are never reported or compared.
+    Call it with ``{method_name: ExportedProgram}`` (before lowering); it returns the
+    shared constants (FQNs used by two or more methods), in FQN order, as
+    :class:`lazykv.manifest.SharedConstant` records for the manifest. ``exclude`` lists
+    FQNs that are not constants in the runtime sense (e.g. KV caches lifted as constants
+    because a custom op mutates them in place); they are never reported or compared.
     """
 
     def __init__(self, allow_divergent: bool = False, exclude: Tuple[str, ...] = ()) -> None:
@@ -129,3 +137,11 @@ class ShareConstantsByFQN:
                 f"(allow_divergent=True) to store each method's copy."
             )
         return tuple(shared)
+
+
+def share_constants_by_fqn(
+    programs: Mapping[str, object], *, allow_divergent: bool = False, exclude: Tuple[str, ...] = ()
+) -> Tuple[SharedConstant, ...]:
+    """:class:`ShareConstantsByFQN` in one call: the shared constants of ``programs``
+    (``{method: ExportedProgram}``), for ``to_executorch_lazy(shared_constants=...)``."""
+    return ShareConstantsByFQN(allow_divergent=allow_divergent, exclude=exclude)(programs)

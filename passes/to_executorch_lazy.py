@@ -22,13 +22,13 @@ call this function on ``builder.edge_manager`` instead, after
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from executorch.exir import EdgeProgramManager, ExecutorchBackendConfig, ExecutorchProgramManager
 from executorch.exir.passes import MemoryPlanningPass
 
+from lazykv import _et_compat
 from lazykv.errors import ExportRefused
 from lazykv.passes.drop_meta_buffers import drop_unused_meta_buffers
 from lazykv.passes.fqn_select import normalize_patterns, select_fqns
@@ -96,9 +96,7 @@ def lazy_kv_backend_config(
     if patterns is not None:
         selected = select_fqns(patterns, _mutable_buffer_fqns(edge_manager))
     if named_data_store is None:
-        # EdgeProgramManager has no public way to add named data; the store it hands to
-        # ExecutorchProgramManager after memory planning is this private attribute.
-        named_data_store = edge_manager._named_data_store
+        named_data_store = _et_compat.named_data_store(edge_manager)
     state = LazyKVProgramState(
         methods,
         selected=selected,
@@ -172,33 +170,18 @@ def to_executorch_lazy(
         if lazy_cfg.buffers is not None:
             raise ValueError("buffers given twice (buffers= and LazyKVConfig.buffers)")
         lazy_cfg = dataclasses.replace(lazy_cfg, buffers=buffers)
-    # Work on a shallow copy of the edge manager's named-data store so the manifest does
-    # not stay behind in edge_manager (a later static to_executorch must not carry it).
-    original = edge_manager._named_data_store
-    store = copy.copy(original)
-    for attr in ("buffers", "fingerprint_to_buffer_idx", "buffer_sha256", "key_to_buffer_idx", "pte_data"):
-        if hasattr(store, attr):
-            value = getattr(store, attr)
-            setattr(store, attr, copy.copy(value))
-    if hasattr(store, "external_data"):
-        store.external_data = {k: dict(v) for k, v in original.external_data.items()}
-    if hasattr(store, "fingerprint_to_buffer_idx"):
-        store.fingerprint_to_buffer_idx = {
-            k: list(v) for k, v in original.fingerprint_to_buffer_idx.items()
-        }
-    et_config = lazy_kv_backend_config(
-        edge_manager,
-        backend_config,
-        buffers=lazy_cfg.buffers,
-        require_kv=lazy_cfg.require_kv,
-        named_data_store=store,
-        shared_constants=shared_constants,
-    )
-    for name in edge_manager.methods:
-        # Masks that no_causal_masks() kept on meta must not reach the emitter.
-        drop_unused_meta_buffers(edge_manager.exported_program(name), name)
-    edge_manager._named_data_store = store
-    try:
+    # The manifest goes into a copy of the edge manager's named-data store, so it does not
+    # stay behind in edge_manager (a later static to_executorch must not carry it).
+    with _et_compat.private_named_data_store(edge_manager) as store:
+        et_config = lazy_kv_backend_config(
+            edge_manager,
+            backend_config,
+            buffers=lazy_cfg.buffers,
+            require_kv=lazy_cfg.require_kv,
+            named_data_store=store,
+            shared_constants=shared_constants,
+        )
+        for name in edge_manager.methods:
+            # Masks that no_causal_masks() kept on meta must not reach the emitter.
+            drop_unused_meta_buffers(edge_manager.exported_program(name), name)
         return edge_manager.to_executorch(et_config)
-    finally:
-        edge_manager._named_data_store = original

@@ -11,6 +11,14 @@ own growable KV storage::
         s.stats.current_bytes, s.trim(10), s.save("chat.kv")
 
 A ``.pte`` without lazy buffers loads and runs unchanged through the same API.
+
+The load in two steps: :func:`prepare` (read through :mod:`lazykv.format`, verified by
+:mod:`lazykv.verify`: a :class:`PreparedProgram`, the metadata the disk cache keeps),
+then :class:`LazyProgram`, a thin object over ``executorch.runtime``. Modules:
+``prepare`` and ``loader`` (the load), ``program_cache`` and ``rebound_file`` (the disk
+cache), ``inputs`` (one description of a method's inputs, full and fast checks),
+``session`` and ``session_file``, ``policy`` and ``allocator`` (growth), ``weight_cache``
+and ``native`` (XNNPACK's weight cache, constants shared across methods at run time).
 """
 
 from lazykv.runtime_shim.allocator import (
@@ -29,12 +37,18 @@ from lazykv.runtime_shim.policy import (
     Step,
     parse_policy,
 )
+from lazykv.runtime_shim.inputs import InputSpec, MethodInfo
+from lazykv.runtime_shim.prepare import PreparedProgram, prepare
 from lazykv.runtime_shim.program import LazyProgram, load
 from lazykv.runtime_shim.session import Freed, Session, SessionStats
 
 __all__ = [
     "load",
+    "prepare",
+    "PreparedProgram",
     "LazyProgram",
+    "MethodInfo",
+    "InputSpec",
     "Session",
     "SessionStats",
     "Freed",

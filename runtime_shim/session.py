@@ -2,43 +2,31 @@
 
 A session owns one tensor per lazy buffer, all at the same capacity (positions along
 the growth axis), and passes them to the runtime after the user's inputs on every call
-(DESIGN fact 5). It checks every input in Python first: a KV tensor of the wrong shape
-aborts the process in C++, so the shim builds those itself and refuses anything odd
-in the user's inputs before the runtime sees it.
+(DESIGN fact 5). It checks every input in Python first
+(:meth:`lazykv.runtime_shim.inputs.MethodInfo.check`, or its precomputed form
+:class:`~lazykv.runtime_shim.inputs.FastCall` for repeated calls): a KV tensor of the
+wrong shape aborts the process in C++, so the shim builds those itself and refuses
+anything odd in the user's inputs before the runtime sees it. Saving and restoring a
+session's state: :mod:`lazykv.runtime_shim.session_file`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import os
-import struct
 import threading
-from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from lazykv.errors import (
-    AllocationFailed,
-    ContextOverflow,
-    InvalidInput,
-    LazyKVError,
-    MemoryBudgetExceeded,
-    SessionClosed,
-    SessionFileError,
-)
+from lazykv import _et_compat
+from lazykv.errors import AllocationFailed, LazyKVError, MemoryBudgetExceeded, SessionClosed
 from lazykv.runtime_shim.allocator import TrackingAllocator
-from lazykv.runtime_shim.fast_call import FastCall
+from lazykv.runtime_shim.inputs import FastCall
 
 logger = logging.getLogger(__name__)
-
-SESSION_MAGIC = b"LKVSESS\x00"
-SESSION_FORMAT = "lazykv-session"
-SESSION_VERSION = 1
 
 
 class Freed(NamedTuple):
@@ -201,7 +189,7 @@ class Session:
                 need = fast.positions_after(inputs, self._filled)
                 if need:
                     # program._execute inlined: each Python frame before the runtime's
-                    # execute shows in a small model's decode step (fast_call.py).
+                    # execute shows in a small model's decode step (inputs.py).
                     prog = self.program
                     try:
                         with prog._lock:
@@ -223,54 +211,26 @@ class Session:
         info = prog.method_info(method)
         if not info.uses_lazy:
             return None
-        rule, bound = prog.fill_plan(method)
         kv = [self._kv[fqn] for fqn in info.lazy_fqns]
         if any(t is None for t in kv):
             return None
         m = prog._method(method)
-        # executorch.runtime.Method.execute is one line, ``return self._method(inputs)``
-        # (executorch 1.5.1); calling the pybind method it wraps saves a Python frame per
-        # call, worth ~3 % of a tiny model's decode step (benchmarks, decode case).
-        execute = getattr(m, "_method", None)
-        if not callable(execute):
-            execute = m.execute
-        return FastCall.build(info, rule, bound, prog.limits.get(method), kv, self._capacity, execute)
+        execute = _et_compat.raw_execute(m) or m.execute
+        return FastCall.build(info, kv, self._capacity, execute)
 
     def _run(self, method: str, inputs: Sequence) -> List[torch.Tensor]:
         self._check_open()
         prog = self.program
         info = prog.method_info(method)
-        if isinstance(inputs, torch.Tensor) or not isinstance(inputs, (list, tuple)):
-            raise InvalidInput(
-                f"{method}: inputs must be a list of the method's inputs "
-                f"({_describe(info)}), got {type(inputs).__name__}"
-            )
-        inputs = list(inputs)
-        _validate(method, info, inputs)
-        limits = prog.limits.get(method)
-        if limits is not None:
-            _check_tokens(method, limits, inputs)
+        inputs, need = info.check(inputs, self._filled)
         if not info.uses_lazy:
             # A program without lazy buffers keeps its KV cache inside the runtime; the
-            # graph still says which input is the start position (pte_file.method_limits).
-            span = None
-            if limits is not None and limits.position_input is not None and limits.length_input is not None:
-                bound = limits.max_positions
-                span = self._check_positions(
-                    method, inputs, limits.position_input, limits.position_index,
-                    limits.length_input, limits.length_axis, bound,
-                )
+            # graph still says which input is the start position (MethodInfo.positions).
             out = prog._execute(method, inputs)
-            if span is not None:
-                self._filled = span
+            if need is not None:
+                self._filled = need
             return out
-
-        rule, bound = prog.fill_plan(method)
-        need = self._check_positions(
-            method, inputs, rule.position_input, rule.position_index, rule.length_input,
-            rule.length_axis, bound,
-        )
-        self._ensure(need, bound)
+        self._ensure(need, info.bound)
         # Every tensor in _kv was checked by _resize when it was installed (shape, dtype,
         # contiguity: a wrong KV shape aborts the process in C++, DESIGN fact 5), and
         # _ensure made every one hold `need` positions; this per-call path stays cheap.
@@ -280,37 +240,6 @@ class Session:
         out = prog._execute(method, inputs + [kv[fqn] for fqn in info.lazy_fqns])
         self._filled = need
         return out
-
-    def _check_positions(self, method, inputs, pos_i, pos_k, len_i, len_axis, bound) -> int:
-        """The positions a call fills, after checking they continue this session and
-        stay inside ``bound``; returns the positions filled after the call."""
-        pos_t = inputs[pos_i]
-        length_t = inputs[len_i]
-        if not isinstance(pos_t, torch.Tensor) or pos_t.numel() <= pos_k:
-            raise InvalidInput(
-                f"{method}: input {pos_i} (the start position) must be a tensor "
-                f"with at least {pos_k + 1} element(s)"
-            )
-        if pos_t.dtype.is_floating_point or pos_t.dtype == torch.bool:
-            raise InvalidInput(f"{method}: input {pos_i} (positions) must be integer")
-        pos = int(pos_t) if pos_t.numel() == 1 else int(pos_t.reshape(-1)[pos_k])
-        length = int(length_t.shape[len_axis])
-        if length < 1:
-            raise InvalidInput(f"{method}: input {len_i} holds no positions (length 0)")
-        if pos != self._filled:
-            raise InvalidInput(
-                f"{method}: call starts at position {pos} but this session has filled "
-                f"{self._filled}; positions must continue at {self._filled} (no gaps). To go "
-                f"back, trim({self._filled - pos if pos < self._filled else 0}) or reset() first"
-            )
-        need = pos + length
-        if bound is not None and need > bound:
-            raise ContextOverflow(
-                f"{method}: positions {pos}..{need - 1} go past the exported bound of {bound} "
-                f"positions ({self._filled} filled, {bound - self._filled} left). Trim or reset "
-                f"the session, or export with a larger max context"
-            )
-        return need
 
     __call__ = run
 
@@ -460,225 +389,14 @@ class Session:
         """Write the filled prefix of every lazy buffer to ``path``; returns bytes written.
 
         The file records the program's sha256; :meth:`LazyProgram.restore` refuses it
-        for any other program.
+        for any other program (:mod:`lazykv.runtime_shim.session_file`).
         """
+        from lazykv.runtime_shim.session_file import save_session
+
         self._check_open()
-        prog = self.program
-        if not prog.lazy:
-            raise LazyKVError(
-                f"{prog.source} has no lazy KV buffers: its state lives inside the runtime "
-                f"and cannot be saved; export it with lazykv to save sessions"
-            )
-        entries, offset = [], 0
-        for b in prog.buffers:
-            shape = b.shape_at(self._filled)
-            nb = b.bytes_per_position * self._filled
-            entries.append(
-                {"fqn": b.fqn, "dtype": b.dtype, "shape": list(shape),
-                 "growth_axis": b.growth_axis, "offset": offset, "nbytes": nb}
-            )
-            offset += nb
-        # The payload's sha256 goes in the header, which comes first: hash the prefixes
-        # (views, no copies unless a prefix is not contiguous) before writing.
-        prefixes = []
-        digest = hashlib.sha256()
-        for b in prog.buffers:
-            if self._filled:
-                prefix = self._kv[b.fqn].narrow(b.growth_axis, 0, self._filled).contiguous()
-                view = memoryview(prefix.view(torch.uint8).reshape(-1).numpy())
-                digest.update(view)
-                prefixes.append(view)
-        header = json.dumps(
-            {
-                "format": SESSION_FORMAT,
-                "version": SESSION_VERSION,
-                "program_sha256": prog.digest,
-                "program_source": prog.source,
-                "positions_filled": self._filled,
-                "buffers": entries,
-                "payload_sha256": digest.hexdigest(),
-                "metadata": dict(metadata or {}),
-            },
-            sort_keys=True,
-        ).encode()
-        path = Path(path)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(SESSION_MAGIC + struct.pack("<Q", len(header)) + header)
-            for view in prefixes:
-                f.write(view)
-            size = f.tell()
-        os.replace(tmp, path)
-        return size
-
-    @classmethod
-    def _restore(cls, program, path) -> "Session":
-        path = Path(path)
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise SessionFileError(f"{path}: cannot open session file ({e.strerror})") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(16)
-            if len(head) < 16 or head[:8] != SESSION_MAGIC:
-                raise SessionFileError(f"{path}: not a lazykv session file")
-            (hlen,) = struct.unpack("<Q", head[8:])
-            if hlen > size - 16:
-                raise SessionFileError(
-                    f"{path}: session header is corrupt or truncated (it claims {hlen} bytes, "
-                    f"the file has {size - 16} after the magic)"
-                )
-            raw = f.read(hlen)
-            try:
-                h = json.loads(raw)
-                assert isinstance(h, dict)
-            except Exception:
-                raise SessionFileError(f"{path}: session header is corrupt or truncated") from None
-            try:
-                return cls._restore_from(program, path, f, h, hlen, size)
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise SessionFileError(
-                    f"{path}: session header is malformed ({type(e).__name__}: {e})"
-                ) from None
-
-    @classmethod
-    def _restore_from(cls, program, path, f, h: dict, hlen: int, size: int) -> "Session":
-        if h.get("format") != SESSION_FORMAT:
-            raise SessionFileError(f"{path}: not a lazykv session file (format {h.get('format')!r})")
-        if not isinstance(h.get("version"), int) or h["version"] > SESSION_VERSION:
-            raise SessionFileError(
-                f"{path}: session file version {h.get('version')!r} is newer than this "
-                f"lazykv reads ({SESSION_VERSION}); upgrade lazykv"
-            )
-        if h.get("program_sha256") != program.digest:
-            raise SessionFileError(
-                f"{path}: this session was saved from a different program "
-                f"({h.get('program_source')!r}, sha256 {str(h.get('program_sha256'))[:12]}…) "
-                f"than {program.source!r} (sha256 {program.digest[:12]}…); load that "
-                f"program to restore it"
-            )
-        filled = int(h.get("positions_filled", -1))
-        if not 0 <= filled <= program.max_positions:
-            raise SessionFileError(f"{path}: positions_filled {filled} is out of range")
-        by_fqn = {e.get("fqn"): e for e in h.get("buffers", [])}
-        if set(by_fqn) != {b.fqn for b in program.buffers}:
-            raise SessionFileError(f"{path}: its buffers do not match the program's")
-        total = 0
-        for b in program.buffers:
-            e = by_fqn[b.fqn]
-            if (e.get("dtype") != b.dtype or tuple(e.get("shape", ())) != b.shape_at(filled)
-                    or e.get("nbytes") != b.bytes_per_position * filled):
-                raise SessionFileError(f"{path}: buffer {b.fqn!r} does not match the program")
-            if int(e.get("offset", -1)) != total:
-                raise SessionFileError(f"{path}: buffer {b.fqn!r} is at a corrupt offset")
-            total += int(e["nbytes"])
-        if size != 16 + hlen + total:
-            raise SessionFileError(
-                f"{path}: truncated session file ({size} bytes; its header describes "
-                f"{16 + hlen + total})"
-                if size < 16 + hlen + total
-                else f"{path}: session file is corrupt ({size - 16 - hlen - total} bytes "
-                f"after the data its header describes)"
-            )
-        want = h.get("payload_sha256")  # absent in files from before the checksum
-        digest = hashlib.sha256()
-        s = cls(program)
-        try:
-            if filled:
-                bound = program.max_positions
-                target = program.policy.capacity(filled, bound, program.bytes_per_position)
-                s._resize(s._check_budget(filled, max(min(target, bound), filled)))
-                base = 16 + hlen
-                for b in program.buffers:
-                    e = by_fqn[b.fqn]
-                    dst = s._kv[b.fqn].narrow(b.growth_axis, 0, filled)
-                    if not dst.is_contiguous():
-                        tmp = torch.empty(dst.shape, dtype=dst.dtype)
-                    else:
-                        tmp = dst
-                    f.seek(base + int(e["offset"]))
-                    buf = tmp.view(torch.uint8).reshape(-1).numpy()
-                    if f.readinto(memoryview(buf)) != e["nbytes"]:
-                        raise SessionFileError(f"{path}: truncated session file")
-                    digest.update(memoryview(buf))
-                    if tmp is not dst:
-                        dst.copy_(tmp)
-            if want is not None and digest.hexdigest() != want:
-                raise SessionFileError(
-                    f"{path}: session data is corrupt (its sha256 does not match the one "
-                    f"recorded when it was saved)"
-                )
-            s._filled = filled
-        except BaseException:
-            s.close()
-            raise
-        return s
+        return save_session(self, path, metadata)
 
     def __repr__(self) -> str:
         st = "closed" if self._closed else f"{self._filled}/{self.capacity} positions, {self.kv_bytes} bytes"
         return f"Session({st})"
 
-
-def _describe(info) -> str:
-    return ", ".join(s.describe() for s in info.inputs) or "no inputs"
-
-
-def _validate(method: str, info, inputs: list) -> None:
-    if len(inputs) != len(info.inputs):
-        raise InvalidInput(
-            f"{method} takes {len(info.inputs)} input(s) ({_describe(info)}), got {len(inputs)}"
-            + ("; pass the user inputs only, the session supplies the KV cache" if info.uses_lazy else "")
-        )
-    for spec, x in zip(info.inputs, inputs):
-        where = f"{method}: input {spec.index}"
-        if spec.kind == "tensor":
-            if not isinstance(x, torch.Tensor):
-                raise InvalidInput(f"{where} must be a tensor {spec.describe()}, got {type(x).__name__}")
-            if spec.dtype is not None and x.dtype != spec.dtype:
-                raise InvalidInput(f"{where} must be {spec.describe()}, got dtype {x.dtype}")
-            if x.dim() != len(spec.sizes):
-                raise InvalidInput(
-                    f"{where} must have {len(spec.sizes)} dims ({spec.describe()}), got shape {list(x.shape)}"
-                )
-            if spec.dynamic:
-                if any(d > m for d, m in zip(x.shape, spec.sizes)):
-                    raise InvalidInput(f"{where} must be {spec.describe()}, got shape {list(x.shape)}")
-            elif tuple(x.shape) != spec.sizes:
-                raise InvalidInput(f"{where} must be {spec.describe()}, got shape {list(x.shape)}")
-            if x.device.type != "cpu":
-                raise InvalidInput(f"{where} must be on the CPU, got {x.device}")
-            if not x.is_contiguous():
-                raise InvalidInput(f"{where} must be contiguous; call .contiguous() first")
-            if x.requires_grad:
-                raise InvalidInput(f"{where} requires grad; pass x.detach()")
-        elif spec.kind == "int":
-            if isinstance(x, bool) or not isinstance(x, int):
-                raise InvalidInput(f"{where} must be an int, got {type(x).__name__}")
-        elif spec.kind == "float":
-            if not isinstance(x, (int, float)) or isinstance(x, bool):
-                raise InvalidInput(f"{where} must be a float, got {type(x).__name__}")
-        elif spec.kind == "bool":
-            if not isinstance(x, bool):
-                raise InvalidInput(f"{where} must be a bool, got {type(x).__name__}")
-
-
-def _check_tokens(method: str, limits, inputs: list) -> None:
-    """Token ids must index the embedding table: the runtime refuses others only after
-    a kernel fails mid-call."""
-    for i, vocab in limits.token_inputs:
-        if i >= len(inputs) or not isinstance(inputs[i], torch.Tensor):
-            continue
-        t = inputs[i]
-        if t.numel() == 0 or t.dtype.is_floating_point or t.dtype == torch.bool:
-            continue
-        if t.numel() == 1:  # a decode step: one token, one read
-            lo = hi = int(t)
-        else:
-            lo, hi = (int(v) for v in torch.aminmax(t))
-        if lo < 0 or hi >= vocab:
-            bad = lo if lo < 0 else hi
-            raise InvalidInput(
-                f"{method}: input {i} holds token id {bad}, outside the vocabulary "
-                f"[0, {vocab}) of the program's embedding table"
-            )

@@ -73,8 +73,8 @@ class Layout:
 
 def _layout_full(name: str, data: bytes) -> Layout:
     """The layout of a base file (worker side: parses it with lazykv)."""
+    from lazykv.format.pte import open_pte
     from lazykv.manifest import MANIFEST_KEY
-    from lazykv.pte_file import open_pte
 
     pte = open_pte(data)
     segs = tuple(
@@ -290,14 +290,11 @@ def plan_field_edit(rng: random.Random, program) -> Tuple[list, object]:
 
 
 def serialize_with_segments(program, data: bytes, segment_base: int) -> bytes:
-    """``program`` re-serialized in front of ``data``'s untouched segment bytes."""
-    from lazykv.runtime_shim.binding import _patch_segment_size, serialize_program_region
+    """``program`` (ExecuTorch's object model) re-serialized in front of ``data``'s
+    untouched segment bytes."""
+    from pte_objects import with_segments
 
-    region, base = serialize_program_region(program, segment_base)
-    if not segment_base:
-        return region
-    seg = data[segment_base:]
-    return _patch_segment_size(region, len(seg)) + seg
+    return with_segments(program, data, segment_base)
 
 
 def plan_manifest_edit(rng: random.Random, lay: Layout, data: bytes) -> List[list]:
@@ -329,9 +326,9 @@ def build_case(seed: int, index: int, bases: Sequence[Tuple[str, bytes, Layout]]
     name, data, lay = bases[rng.randrange(len(bases))]
     kind = _pick_kind(rng, lay)
     if kind == "program_field":
-        from lazykv.pte_file import open_pte
+        from pte_objects import program_objects
 
-        program = open_pte(data).program
+        program = program_objects(data)
         op, program = plan_field_edit(rng, program)
         try:
             out = serialize_with_segments(program, data, lay.segment_base)

@@ -147,7 +147,7 @@ ROWS = [
 
 def _decode(n):
     """Setup: ``n`` single-token steps, as a generation loop makes them. After the first,
-    ``Session.run`` takes its fast path (``runtime_shim/fast_call.py``), which must refuse
+    ``Session.run`` takes its fast path (``runtime_shim/inputs.py``, ``FastCall``), which must refuse
     everything the full checks refuse."""
 
     def setup(p, s, st):

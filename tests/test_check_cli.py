@@ -273,6 +273,8 @@ assert r.exit_code in (0, 1), r.output
 seconds = time.perf_counter() - t
 assert not culprits, f"check without --runs imported: {culprits}"
 assert "torch" not in sys.modules, "check without --runs imported torch"
+heavy = [m for m in sys.modules if m.split(".")[0] == "executorch"]
+assert not heavy, f"check without --runs imported ExecuTorch: {heavy[:5]}"
 import executorch.exir.schema
 from executorch.exir import to_edge, EdgeProgramManager
 import executorch.exir as exir
@@ -280,8 +282,6 @@ assert exir.to_edge is to_edge and executorch.exir.schema.Tensor
 from executorch.exir._serialize import _deserialize_pte_binary  # its __init__ was deferred too
 import executorch.exir._serialize._program as program_module
 assert _deserialize_pte_binary is program_module.deserialize_pte_binary
-from lazykv.inspect import Tensor
-assert Tensor is executorch.exir.schema.Tensor
 print(f"check in {seconds:.2f} s")
 """
 

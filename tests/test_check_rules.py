@@ -296,12 +296,12 @@ def test_max_kv_bytes_at_max_context(llama_tiny_static, llama_tiny_lazy):
 
 
 def test_max_load_bytes(llama_tiny_lazy):
-    from lazykv.pte_file import open_pte
+    from lazykv.format.pte import open_pte
 
     path = llama_tiny_lazy[1].path
     info = inspect_pte(path)
     prog = open_pte(path).program
-    delegate_segments = {d.processed.index for p in prog.execution_plan for d in p.delegates}
+    delegate_segments = {d.index for p in prog.plans for d in p.delegates}
     expected = (info["planned_bytes"] + info["constants"]["bytes"] + info["constants"]["named_data_bytes"]
                 + sum(prog.segments[i].size for i in delegate_segments))
     r = _one(path, max_load_bytes=expected)

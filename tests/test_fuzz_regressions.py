@@ -2,11 +2,12 @@
 offsets, so they survive re-exports).
 
 Each recipe takes a real ``.pte`` (the example fixtures) and makes the one edit that
-crashed the ExecuTorch runtime before ``lazykv.pte_file`` learnt to refuse it (the
-crash, as observed, is in ``CRASHED_WITH``). Two checks per recipe:
+crashed the ExecuTorch runtime before lazykv learnt to refuse it (the crash, as observed,
+is in ``RECIPES``). Two checks per recipe:
 
-* in-process: :func:`lazykv.pte_file.validate_pte` and :func:`open_pte` refuse it with
-  :class:`InvalidProgram` and a message that names the problem (pure Python: cannot crash);
+* in-process: :func:`lazykv.verify.validate_pte` and the shim's first load step
+  (:func:`lazykv.runtime_shim.prepare`) refuse it with :class:`InvalidProgram` and a
+  message that names the problem (pure Python: cannot crash);
 * in a worker subprocess: ``runtime_shim.load`` + a run end in a lazykv error, not a crash.
 """
 
@@ -20,16 +21,20 @@ import pytest
 
 import fuzz_worker
 from lazykv.errors import InvalidProgram, ManifestError
-from lazykv.pte_file import _Fb, open_pte, validate_pte
+from lazykv.format.flatbuffer import Reader as _Fb
+from lazykv.format.pte import open_pte
+from lazykv.runtime_shim import prepare
+from lazykv.verify import validate_pte
+from pte_objects import program_objects, with_segments
 
 
 def _program(data: bytes):
-    pte = open_pte(data, validate=False)
-    return pte, copy.deepcopy(pte.program)
+    """(the file opened by lazykv, ExecuTorch's object model of it, to edit)."""
+    return open_pte(data), copy.deepcopy(program_objects(data))
 
 
 def _reserialize(program, data: bytes, base: int) -> bytes:
-    return fuzz_worker.serialize_with_segments(program, data, base)
+    return with_segments(program, data, base)
 
 
 def _kernel(plan, name, overload=None):
@@ -197,9 +202,9 @@ def negative_tensor_size(plan):
 
 def _xnnpack_blobs(data: bytes):
     """(blob start, flatbuffer start, flatbuffer size) of each XNNPACK delegate blob."""
-    pte = open_pte(data, validate=False)
-    for d in pte.program.execution_plan[0].delegates:
-        seg = pte.program.segments[d.processed.index]
+    pte = open_pte(data)
+    for d in pte.program.plans[0].delegates:
+        seg = pte.program.segments[d.index]
         start = pte.segment_base_offset + seg.offset
         blob = data[start : start + seg.size]
         assert blob[4:8] == b"XH00"
@@ -233,7 +238,7 @@ def xnnpack_external_flags_changed(static: bytes, lazy: bytes) -> bytes:
 
 def named_data_key_missing(static: bytes, lazy: bytes) -> bytes:
     """A named-data entry whose key field is absent (its vtable slot zeroed)."""
-    pte = open_pte(static, validate=False)
+    pte = open_pte(static)
     r = _Fb(static[: pte.program_size])
     nd = r.tables(r.u("I", 0), 18)[0]
     vt = nd - r.u("i", nd)
@@ -263,7 +268,7 @@ def xnnpack_constant_key_not_utf8(static: bytes, lazy: bytes) -> bytes:
 
 def null_union_value(static: bytes, lazy: bytes) -> bytes:
     """An EValue whose type says Tensor but whose table is absent (vtable slot zeroed)."""
-    pte = open_pte(static, validate=False)
+    pte = open_pte(static)
     region = static[: pte.program_size]
     r = _Fb(region)
     root = r.u("I", 0)
@@ -280,7 +285,7 @@ def null_union_value(static: bytes, lazy: bytes) -> bytes:
 
 def manifest_fill_rule_swapped(static: bytes, lazy: bytes) -> bytes:
     """The manifest says the position comes from input 0 (the tokens), not input 1."""
-    pte = open_pte(lazy, validate=False)
+    pte = open_pte(lazy)
     for nd in pte.program.named_data:
         if nd.key == "lazykv/manifest":
             seg = pte.program.segments[nd.segment_index]
@@ -377,7 +382,7 @@ def test_fixtures_pass_validation(example_static, example_lazy, llama_tiny_stati
     """No false alarms on the real exports."""
     for _, rep in (example_static, example_lazy, llama_tiny_static, llama_tiny_lazy):
         validate_pte(rep.path)
-        open_pte(rep.path).manifest
+        prepare(rep.path).manifest
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES), ids=IDS)
@@ -389,7 +394,7 @@ def test_validator_refuses(recipe, recipe_files):
     assert words in str(e.value), str(e.value)
     assert path in str(e.value)
     with pytest.raises(err) as e2:
-        open_pte(path).manifest
+        prepare(path).manifest
     assert words in str(e2.value), str(e2.value)
 
 

@@ -10,7 +10,7 @@ from lazykv.errors import ExportRefused
 from lazykv.manifest import FillRule
 from lazykv.models.llama import LlamaShape, write_random_checkpoint
 from lazykv.passes import no_causal_masks, to_executorch_lazy
-from lazykv.pte_file import open_pte
+from lazykv.format.pte import open_pte
 
 N = 128
 SHAPE = LlamaShape(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, vocab_size=128)

@@ -22,7 +22,7 @@ from executorch.exir.schema import TensorShapeDynamism
 from lazykv.errors import ExportRefused, NoMatchingBuffer
 from lazykv.manifest import MANIFEST_KEY, FillRule
 from lazykv.passes import LazyKVConfig, lazy_kv_backend_config, no_causal_masks, to_executorch_lazy
-from lazykv.pte_file import open_pte
+from lazykv.format.pte import open_pte
 
 N, H, D, E = 64, 2, 8, 16
 KV_BYTES = N * H * D * 4  # one [1, N, H, D] fp32 buffer

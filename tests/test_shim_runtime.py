@@ -22,7 +22,7 @@ from lazykv.errors import (
     SessionFileError,
     UnknownMethod,
 )
-from lazykv.pte_file import open_pte
+from lazykv.format.pte import open_pte
 from lazykv.runtime_shim import (
     Doubling,
     Hybrid,
@@ -139,14 +139,14 @@ def test_example_model_bit_exact_prompt_then_decode(policy, example_pair, shim_c
 
 def test_decode_steps_skip_the_full_checks_until_storage_changes(lazy_prog, monkeypatch):
     """A decode step whose storage already holds its position goes through
-    ``fast_call.FastCall`` (no ``session._validate``); the step that grows the storage, a
+    ``inputs.FastCall`` (no ``MethodInfo`` full checks); the step that grows the storage, a
     prompt, and the first step after a trim that shrinks run the full checks. Positions
     re-run after a trim give the same logits as the first time."""
-    import lazykv.runtime_shim.session as session_mod
+    from lazykv.runtime_shim.inputs import MethodInfo
 
     full = []
-    real = session_mod._validate
-    monkeypatch.setattr(session_mod, "_validate", lambda *a: (full.append(1), real(*a))[1])
+    real = MethodInfo._check_each
+    monkeypatch.setattr(MethodInfo, "_check_each", lambda *a: (full.append(1), real(*a))[1])
     with lazy_prog.session() as s:
         first = _last(s.run("forward", [_prompt(10, seed=3), _pos(0)])[0])
         assert len(full) == 1
@@ -483,8 +483,8 @@ def test_rebound_file_keeps_segments_and_is_cached(shim_lazy_pte, tmp_path):
     assert prog.cache_hit is False
     src, dst = open_pte(shim_lazy_pte), open_pte(prog.runtime_path)
     assert dst.segment_base_offset % 128 == 0
-    a = bytes(src._data[src.segment_base_offset:])
-    b = bytes(dst._data[dst.segment_base_offset:])
+    a = bytes(src.data[src.segment_base_offset:])
+    b = bytes(dst.data[dst.segment_base_offset:])
     assert a == b  # weights byte for byte
     plan = dst.plan("forward")
     assert len(plan.inputs) == 2 + len(prog.buffers)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from lazykv.errors import ET_ERROR_NAMES
+
 from . import build as _build
 
 __all__ = [
@@ -40,17 +42,6 @@ __all__ = [
 #: Where ``setup.py`` puts the helper (editable installs: the source folder).
 INSTALLED_LIBRARY = Path(__file__).resolve().with_name(_build.LIBRARY_NAME)
 
-# executorch::runtime::Error codes (runtime/core/error.h) that set/get_option return.
-_ERROR_NAMES = {
-    0x00: "Ok",
-    0x01: "Internal",
-    0x02: "InvalidState",
-    0x10: "NotSupported",
-    0x11: "NotImplemented",
-    0x12: "InvalidArgument",
-    0x13: "InvalidType",
-    0x20: "NotFound",
-}
 
 
 class NativeUnavailable(Exception):
@@ -62,7 +53,7 @@ class OptionError(Exception):
 
     def __init__(self, call: str, backend: str, key: str, code: int) -> None:
         self.call, self.backend, self.key, self.code = call, backend, key, code
-        name = _ERROR_NAMES.get(code, f"0x{code:02x}")
+        name = ET_ERROR_NAMES.get(code, f"0x{code:02x}")
         super().__init__(f"{call}({backend!r}, {key!r}) returned Error::{name}")
 
 

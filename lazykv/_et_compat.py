@@ -1,0 +1,226 @@
+"""Every reach into a private ExecuTorch or torch API, in one module, each saying why.
+
+lazykv builds on public APIs where they exist; where they do not, the reach is here and
+nowhere else, so a new release breaks one module, loudly. At import this module checks
+the installed ``executorch`` and ``torch`` against :data:`SUPPORTED` (from package
+metadata: nothing heavy is imported) and raises
+:class:`lazykv.errors.UnsupportedVersion` naming the supported range; set
+``LAZYKV_ALLOW_UNSUPPORTED_VERSIONS=1`` to try another version anyway.
+
+Each function imports what it reaches for when called: importing this module costs
+nothing more than the version check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.metadata
+import os
+import re
+from typing import Any, Iterable, Iterator, Optional, Tuple
+
+from lazykv.errors import UnsupportedVersion
+
+#: ``package -> (lowest supported, first unsupported)``: the releases whose private APIs
+#: this module was written against.
+SUPPORTED = {
+    "executorch": ((1, 5, 0), (1, 6, 0)),
+    "torch": ((2, 13, 0), (2, 14, 0)),
+}
+ALLOW_ENV = "LAZYKV_ALLOW_UNSUPPORTED_VERSIONS"
+
+
+def _release(version: str) -> Tuple[int, ...]:
+    """``"2.13.0+cpu"`` -> ``(2, 13, 0)``."""
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def _show(v: Tuple[int, ...]) -> str:
+    return ".".join(str(x) for x in v)
+
+
+def check_versions() -> dict:
+    """The installed versions of :data:`SUPPORTED`'s packages; raises
+    :class:`UnsupportedVersion` for one outside its range (unless :data:`ALLOW_ENV`)."""
+    found = {}
+    for package, (low, high) in SUPPORTED.items():
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            raise UnsupportedVersion(
+                f"lazykv needs {package} >= {_show(low)}, < {_show(high)}, and it is not "
+                f"installed; pip install lazykv's dependencies (pyproject.toml)"
+            ) from None
+        found[package] = version
+        if not low <= _release(version) < high and os.environ.get(ALLOW_ENV) != "1":
+            raise UnsupportedVersion(
+                f"lazykv supports {package} >= {_show(low)}, < {_show(high)}; {version} is "
+                f"installed. lazykv reaches into private {package} APIs that change between "
+                f"releases (lazykv/_et_compat.py): install a supported version, or set "
+                f"{ALLOW_ENV}=1 to try this one anyway"
+            )
+    return found
+
+
+VERSIONS = check_versions()
+
+
+# -- torch -------------------------------------------------------------------------------
+
+
+def aten_schema(name: str, overload: str):
+    """The ``torch.FunctionSchema`` of ATen operator ``name.overload``, or None.
+
+    Private: ``torch._C._get_schema`` is the one lookup by (name, overload) string; the
+    public route (``torch.ops.aten.<name>.<overload>._schema``) resolves Python
+    attributes and fails differently per operator."""
+    import torch
+
+    try:
+        return torch._C._get_schema(name, overload)
+    except Exception:
+        return None
+
+
+def parse_schema(text: str):
+    """A ``torch.FunctionSchema`` parsed from ``text``.
+
+    Private: ``torch._C.parse_schema`` is torch's own schema parser; registering the
+    operator instead would import ExecuTorch's runtime and custom-op libraries."""
+    import torch
+
+    return torch._C.parse_schema(text)
+
+
+def tree_flatten(tree) -> list:
+    """The leaves of a pytree (``torch.utils._pytree.tree_flatten``).
+
+    Private module, but it is how torch itself flattens the arguments of a
+    ``__torch_function__`` call; no public equivalent."""
+    from torch.utils._pytree import tree_flatten as flatten
+
+    return flatten(tree)[0]
+
+
+def drop_program_state(ep, targets: Iterable[str], signature) -> None:
+    """Remove ``targets`` from an ``ExportedProgram``'s state dict and constants, and give
+    it ``signature``.
+
+    Private: ``ExportedProgram`` exposes ``state_dict``/``constants``/``graph_signature``
+    read-only; removing an unused buffer has no public API."""
+    for target in targets:
+        ep._state_dict.pop(target, None)
+        ep._constants.pop(target, None)
+    ep._graph_signature = signature
+
+
+# -- ExecuTorch export -------------------------------------------------------------------
+
+
+def named_data_store(edge_manager):
+    """The named-data store an ``EdgeProgramManager`` hands to ``to_executorch``.
+
+    Private: ``EdgeProgramManager`` has no public way to add named data, and this store
+    is what ``to_executorch`` serializes into the ``.pte``."""
+    return edge_manager._named_data_store
+
+
+@contextlib.contextmanager
+def private_named_data_store(edge_manager) -> Iterator[Any]:
+    """For the block, ``edge_manager`` serializes a copy of its named-data store; the
+    original is put back after, untouched (a later ``to_executorch`` must not carry
+    what the block added). Yields the copy.
+
+    Private: ``_NamedDataStore`` keeps its state in these attributes (ExecuTorch 1.5);
+    a shallow copy of the store would share them."""
+    original = edge_manager._named_data_store
+    store = copy.copy(original)
+    for attr in ("buffers", "fingerprint_to_buffer_idx", "buffer_sha256", "key_to_buffer_idx",
+                 "pte_data"):
+        if hasattr(store, attr):
+            setattr(store, attr, copy.copy(getattr(store, attr)))
+    if hasattr(store, "external_data"):
+        store.external_data = {k: dict(v) for k, v in original.external_data.items()}
+    if hasattr(store, "fingerprint_to_buffer_idx"):
+        store.fingerprint_to_buffer_idx = {
+            k: list(v) for k, v in original.fingerprint_to_buffer_idx.items()
+        }
+    edge_manager._named_data_store = store
+    try:
+        yield store
+    finally:
+        edge_manager._named_data_store = original
+
+
+def forget_mutable_buffers(memory_planning_pass, fqns: Iterable[str]) -> None:
+    """Make ``MemoryPlanningPass.run_multimethod`` forget buffers ``fqns``.
+
+    Private: with ``share_mutable_buffers=True`` the pass records every mutable buffer
+    in its ``state`` and puts them all on memory id 2 regardless of dynamism; a lazy
+    buffer must stay unplanned, and there is no public way to exclude one."""
+    state = getattr(memory_planning_pass, "state", None)
+    for attr in ("mutable_buffers", "maybe_mutable_buffers"):
+        table = getattr(state, attr, None)
+        if isinstance(table, dict):
+            for fqn in fqns:
+                table.pop(fqn, None)
+
+
+def prepare_llama_export(llm_config):
+    """``LLMEdgeManager`` for ExecuTorch's Llama, built the way ``export_llm`` does.
+
+    Private: ``export_llama_lib._prepare_for_llama_export`` is the one function that
+    loads params + checkpoint and applies export_llm's source transforms (custom KV
+    cache, custom SDPA); calling it beats re-implementing it."""
+    from executorch.examples.models.llama.export_llama_lib import _prepare_for_llama_export
+
+    return _prepare_for_llama_export(llm_config)
+
+
+def llama_xnnpack_partitioners(llm_config) -> list:
+    """The XNNPACK partitioners ``export_llm`` uses for ``llm_config``.
+
+    Private (``export_llama_lib._get_xnnpack_partitioners``), but it is export_llm's own
+    choice of partitioners, which a lazy export must match."""
+    from executorch.examples.models.llama.export_llama_lib import _get_xnnpack_partitioners
+
+    return _get_xnnpack_partitioners(llm_config)
+
+
+def export_with_builder(builder, graph_module):
+    """``LLMEdgeManager``'s own ``torch.export`` call (its dynamic shapes, strictness)
+    on ``graph_module``.
+
+    Private (``LLMEdgeManager._export``): the public ``export()`` stores one program;
+    a prefill/decode pair needs it twice."""
+    return builder._export(graph_module)
+
+
+def builder_edge_config(builder):
+    """The ``EdgeCompileConfig`` ``LLMEdgeManager`` lowers with (private
+    ``_get_edge_config``), for lowering several methods together."""
+    return builder._get_edge_config()
+
+
+def convert_to_linear_pass():
+    """XNNPACK's ``ConvertToLinearPass``, which ``LLMEdgeManager.to_executorch`` runs.
+
+    Private module (``backends.xnnpack._passes``); lazykv calls ``to_executorch`` itself
+    and must run the same pass."""
+    from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
+
+    return ConvertToLinearPass()
+
+
+# -- ExecuTorch runtime ------------------------------------------------------------------
+
+
+def raw_execute(method) -> Optional[Any]:
+    """The pybind call behind ``executorch.runtime.Method.execute``, or None.
+
+    Private (``Method._method``): ``execute`` is one line, ``return
+    self._method(inputs)`` (ExecuTorch 1.5); calling the pybind method directly saves a
+    Python frame per decode step, worth ~3 % of a tiny model's step."""
+    execute = getattr(method, "_method", None)
+    return execute if callable(execute) else None
