@@ -1,11 +1,12 @@
-# Two set-up commands: `make demo` and `make test`. Both create .venv when it is missing.
+# Two set-up commands: `make demo` and `make test` (`make quick`: the tests not marked
+# slow). All create .venv when it is missing.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR := build/demo
 
-.PHONY: demo test bench clean venv
+.PHONY: demo test quick lint bench clean venv
 
 venv: $(STAMP)
 
@@ -22,8 +23,15 @@ $(STAMP): pyproject.toml setup.py runtime_shim/native/xnnpack_options.cpp runtim
 demo: $(STAMP)
 	$(BIN)/python -m lazykv.cli.demo --out-dir $(DEMO_DIR)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+# The quick tier: everything not marked slow (under 2 minutes).
+quick: lint
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks all

@@ -284,10 +284,10 @@ def _plot_decode(plot) -> None:
     for ax, model in zip(axes[0], models):
         keys = [k for k in plot if k[0] == model]
         for i, k in enumerate(keys):
-            s, l, r = plot[k]
+            s, lz, r = plot[k]
             ax.bar(i - w / 2, s, w, color="#264653", label="stock runtime + static" if i == 0 else None)
-            ax.bar(i + w / 2, l, w, color="#e76f51", label="lazykv shim + lazy" if i == 0 else None)
-            ax.text(i, max(s, l) * 1.02, f"ratio {r:.3f}x", ha="center", fontsize=8)
+            ax.bar(i + w / 2, lz, w, color="#e76f51", label="lazykv shim + lazy" if i == 0 else None)
+            ax.text(i, max(s, lz) * 1.02, f"ratio {r:.3f}x", ha="center", fontsize=8)
         ax.set_xticks(range(len(keys)), [f"context {c}" for _, c in keys])
         ax.set_ylabel("decode tokens/s (median of blocks)")
         ax.set_ylim(0, max(max(plot[k][:2]) for k in keys) * 1.15)
@@ -601,7 +601,7 @@ def case_export(ctx: Ctx) -> List[Result]:
             rows.append(Result(f"tiny {what}: export", None, "", None, None, C,
                                "not exported (memory guard or failure; see log)"))
             continue
-        pinned = f", pinned to 1 CPU beside another export" if r.get("cpus") else ""
+        pinned = ", pinned to 1 CPU beside another export" if r.get("cpus") else ""
         rows.append(row(C, f"tiny {what}: export wall time", r["wall_seconds"], "s",
                         note=f"whole process, built {r['built']}{pinned}; "
                              f"{r.get('cpu_seconds', 0):.0f} s CPU; load average {r.get('loadavg_after', 0):.1f}"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from lazykv.errors import ManifestError
 from lazykv.format.scalar_type import BY_DTYPE

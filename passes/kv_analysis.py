@@ -29,7 +29,6 @@ indices count user inputs only, in the method's order; names are never looked at
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch

@@ -217,6 +217,16 @@ def read_program(region) -> Program:
             fb.scalar(cs, S.SubsegmentOffsets.segment_index, "I"),
             fb.ints(cs, S.SubsegmentOffsets.offsets, "Q") or [],
         )
+    # Named data before the methods: flatbuffers share identical vtables between tables
+    # (a NamedData and an Operator have the same layout), so one corrupt vtable breaks
+    # both; the message names the named data, as lazykv's reader always has.
+    named_data = [
+        NamedData(
+            _required(fb.string(nd, S.NamedData.key), f"the key of named data {i}"),
+            fb.scalar(nd, S.NamedData.segment_index, "I"),
+        )
+        for i, nd in enumerate(fb.tables(root, S.Program.named_data) or [])
+    ]
     return Program(
         version=fb.scalar(root, S.Program.version, "I"),
         plans=[_read_plan(fb, p, i) for i, p in enumerate(plans)],
@@ -226,13 +236,7 @@ def read_program(region) -> Program:
         inline_delegates=[
             _span(fb, b) for b in fb.tables(root, S.Program.backend_delegate_data) or []
         ],
-        named_data=[
-            NamedData(
-                _required(fb.string(nd, S.NamedData.key), f"the key of named data {i}"),
-                fb.scalar(nd, S.NamedData.segment_index, "I"),
-            )
-            for i, nd in enumerate(fb.tables(root, S.Program.named_data) or [])
-        ],
+        named_data=named_data,
         mutable_segments=[
             fb.scalar(s, S.SubsegmentOffsets.segment_index, "I")
             for s in fb.tables(root, S.Program.mutable_data_segments) or []
