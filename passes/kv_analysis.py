@@ -24,6 +24,10 @@ update's and whose query length is the update's length. Anything else that reads
 ``_local_scalar_dense``/``select``/views to one element of a user input, and its length
 along the growth axis is matched, as a symbol, to a dimension of a user input. Input
 indices count user inputs only, in the method's order; names are never looked at.
+
+One module of about 600 lines on purpose: the proof is one argument (what writes a
+cache, what reads it, where the position comes from), and its invariants hold across
+those three parts; split, they would be checked in one file and relied on in another.
 """
 
 from __future__ import annotations

@@ -19,6 +19,20 @@ os.environ.setdefault("LAZYKV_CACHE_DIR", os.path.join(os.getcwd(), "build", "te
 LLAMA_CONTEXT = 4096
 EXAMPLE_CONTEXT = 512
 
+#: Fixtures that cost tens of seconds or more (exports of ExecuTorch's Llama or of
+#: several programs, the fuzzer, memory measurements in subprocesses): every test that
+#: uses one is marked ``slow``, so ``pytest -m "not slow"`` (``make quick``) skips it.
+SLOW_FIXTURES = frozenset({
+    "llama_tiny_static", "llama_tiny_lazy", "checkpoint", "lazy_llama", "fuzz_run",
+    "example_lazy_2048", "example_mm_lazy", "example_mm_static", "measurements", "toys",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def _export(tmp_path_factory, name, **kw):
     from lazykv.export import ExportConfig, export_model

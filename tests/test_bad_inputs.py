@@ -5,6 +5,9 @@ Programs: the example decoder (vocab 512, max context 512, up to 64 tokens a cal
 and static, through ``lazykv.runtime_shim``. Rows that crashed the process before the
 shim checked them (``isolate=True``: SIGFPE in ``custom_sdpa`` for a static program fed a
 negative start position or zero tokens) run in a subprocess, so a crash fails that row only.
+
+About 650 lines in one module on purpose: the table of rows is the list of every bad
+input, read in one place; the tests below it are short.
 """
 
 from __future__ import annotations
@@ -269,7 +272,9 @@ def programs(example_static, example_lazy, tmp_path_factory):
     return paths, cache, {k: _load(k, paths, cache) for k in paths}
 
 
-@pytest.mark.parametrize("row", [pytest.param(r, id=r.name) for r in ROWS])
+# Rows run in a subprocess (they crashed the process once) cost ~10 s each: slow.
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.name, marks=[pytest.mark.slow] if r.isolate else [])
+                                 for r in ROWS])
 def test_bad_input(row: Row, programs):
     paths, cache, progs = programs
     res = _row_in_subprocess(row, paths, cache) if row.isolate else run_row(row, progs[row.program])

@@ -322,6 +322,7 @@ def test_ci_workflow_uses_real_options():
     assert Rules(**fields).enabled
 
 
+@pytest.mark.slow
 def test_ci_pytest_gate_example(example_lazy, example_static):
     """examples/ci/test_export_gate.py passes on a lazy export and fails on a static one."""
     gate = ROOT / "examples/ci/test_export_gate.py"

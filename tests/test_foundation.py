@@ -54,6 +54,7 @@ def test_one_package_nothing_top_level():
     assert Path(lazykv.passes.__file__).parent.name == "passes"
 
 
+@pytest.mark.slow
 def test_cli_version_and_help_on_every_command():
     out = subprocess.run([PY, "-m", "lazykv.cli.main", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "lazykv" in out.stdout

@@ -398,6 +398,7 @@ def test_validator_refuses(recipe, recipe_files):
     assert words in str(e2.value), str(e2.value)
 
 
+@pytest.mark.slow
 def test_load_refuses_without_crash(recipe_files):
     files = [recipe_files[r.__name__] for r in RECIPES]
     res = fuzz_worker.run_fuzz([], 0, files=files, workers=2, case_timeout=120)

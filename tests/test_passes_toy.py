@@ -239,6 +239,7 @@ _RUNTIME = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_stock_runtime_refuses_lazy_pte(lazy_toy):
     _, path, _ = lazy_toy
     # In a subprocess: a runtime mistake must not take the test process down.

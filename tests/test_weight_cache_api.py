@@ -113,6 +113,7 @@ _SWITCH = """
 """
 
 
+@pytest.mark.slow
 def test_enable_switches_and_reads_back(tiny_pte):
     out = run_python(_SWITCH, str(tiny_pte))
     assert out == {
@@ -187,6 +188,7 @@ def test_fallback_compiles_into_user_cache(tmp_path, monkeypatch, installed):
     assert again.info.path == helper.info.path and again.info.path.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_no_compiler_warns_once_and_runs_with_cache_off(tiny_pte, tmp_path):
     out = run_python(
         _FALLBACK, str(tmp_path / "absent.so"), str(tiny_pte),
