@@ -294,9 +294,9 @@ def test_bad_input(row: Row, programs):
 
 def _broken_manifest(data: bytes) -> bytes:
     """``data`` (a lazy program) with its lazykv manifest no longer JSON (same length)."""
-    import fuzz_worker
+    from fuzz_mutations import layout_full
 
-    lay = fuzz_worker._layout_full("lazy", data)
+    lay = layout_full("lazy", data)
     s, e = lay.segments[lay.manifest_segment]
     return data[:s] + data[s:e].replace(b"{", b"x", 1) + data[e:]
 
