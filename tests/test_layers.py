@@ -132,3 +132,42 @@ def test_the_format_layer_imports_no_torch_and_no_executorch():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             bad += [f"{module}: {n}" for n in names if n.split(".")[0] in ("torch", "executorch")]
     assert not bad, bad
+
+
+def _private_reaches(path: Path) -> List[str]:
+    """Imports of private torch/ExecuTorch modules or names, and ``torch._x`` attributes."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            root = node.module.split(".")[0]
+            if root in ("torch", "executorch") and (
+                    any(p.startswith("_") for p in node.module.split("."))
+                    or any(a.name.startswith("_") for a in node.names)):
+                found.append(f"line {node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in ("torch", "executorch") and any(
+                        p.startswith("_") for p in a.name.split(".")):
+                    found.append(f"line {node.lineno}: import {a.name}")
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in ("torch", "executorch"):
+                found.append(f"line {node.lineno}: {base.id}...{node.attr}")
+    return found
+
+
+def test_private_torch_and_executorch_reaches_only_in_et_compat():
+    """Every reach into a private ExecuTorch/torch module or name (``from torch.utils._pytree
+    import ...``, ``torch._C...``) lives in ``lazykv/_et_compat.py`` (user-facing example
+    scripts under ``examples/`` excepted: they show ExecuTorch's own recipe, as a user
+    would copy it). Private attributes of ExecuTorch objects (``edge_manager.
+    _named_data_store``) cannot be told apart from lazykv's own by the parser; they are
+    in ``_et_compat`` too, by review."""
+    bad = []
+    for module, path in _modules().items():
+        if module == "lazykv._et_compat" or module.startswith("lazykv.examples"):
+            continue
+        bad += [f"{module}: {r}" for r in _private_reaches(path)]
+    assert not bad, "\n".join(bad)
