@@ -53,57 +53,6 @@ def fmt_bytes(n) -> str:
 os.environ.setdefault("TORCHINDUCTOR_DISABLE", "1")
 
 
-class _NativeLogFilter:
-    """A text stream that drops ExecuTorch log lines (``[file.cpp:123] ...``) into ``log``
-    and passes everything else through."""
-
-    _PATTERN = None
-
-    def __init__(self, stream, log) -> None:
-        import re
-
-        if _NativeLogFilter._PATTERN is None:
-            _NativeLogFilter._PATTERN = re.compile(r"^\[[A-Za-z0-9_./-]+\.(cpp|h|cc|c):\d+\] ")
-        self._stream = stream
-        self._log = log
-        self._partial = ""
-
-    def write(self, text: str) -> int:
-        data = self._partial + text
-        lines = data.split("\n")
-        self._partial = lines.pop()
-        for line in lines:
-            if self._PATTERN.match(line):
-                self._log.write((line + "\n").encode("utf-8", "replace"))
-            else:
-                self._stream.write(line + "\n")
-        if self._partial and not self._partial.startswith("["):
-            self._stream.write(self._partial)  # progress bars end lines with \r, not \n
-            self._partial = ""
-        return len(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def close(self) -> None:
-        if self._partial:
-            self._stream.write(self._partial)
-            self._partial = ""
-        self._stream.close()
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def _flush_c_stdio() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).fflush(None)
-    except Exception:
-        pass
-
-
 @contextlib.contextmanager
 def native_output_captured(enabled: bool = True):
     """Keep ExecuTorch's C++ log lines (cpuinfo probes, "No temp allocator provided",
@@ -115,7 +64,8 @@ def native_output_captured(enabled: bool = True):
     first, since it may say why.
     """
     import sys
-    import tempfile
+
+    from lazykv.native_log import NativeLog
 
     def _on_fd(stream, fd):
         try:
@@ -128,23 +78,12 @@ def native_output_captured(enabled: bool = True):
     if not enabled or not (_on_fd(sys.stdout, 1) and _on_fd(sys.stderr, 2)):
         yield
         return
+    log = NativeLog(fds=(1, 2), passthrough=True)
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        saved = {fd: os.dup(fd) for fd in (1, 2)}
+        log.__enter__()
     except (OSError, ValueError, AttributeError):
         yield
         return
-    log = tempfile.TemporaryFile()
-    old = {1: sys.stdout, 2: sys.stderr}
-    for fd in (1, 2):
-        os.dup2(log.fileno(), fd)
-    # ExecuTorch's pybindings also forward C++ logs to Python's sys.stdout/sys.stderr
-    # (pybind11 ostream redirect), so those are filtered by line, too.
-    sys.stdout = _NativeLogFilter(
-        os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace"), log)
-    sys.stderr = _NativeLogFilter(
-        os.fdopen(os.dup(saved[2]), "w", buffering=1, encoding="utf-8", errors="replace"), log)
     failed = False
     try:
         yield
@@ -154,19 +93,6 @@ def native_output_captured(enabled: bool = True):
         failed = True
         raise
     finally:
-        _flush_c_stdio()  # C++ logs to stdio's stdout, block-buffered when piped
-        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
-            try:
-                stream.flush()
-                stream.close()
-            except Exception:
-                pass
-            os.dup2(saved[fd], fd)
-            os.close(saved[fd])
-        sys.stdout, sys.stderr = old[1], old[2]
-        if failed:
-            log.seek(0)
-            text = log.read().decode("utf-8", "replace").strip()
-            if text:
-                sys.stderr.write("ExecuTorch's log:\n" + text + "\n")
-        log.close()
+        log.__exit__(None, None, None)
+        if failed and log.text.strip():
+            sys.stderr.write("ExecuTorch's log:\n" + log.text.strip() + "\n")

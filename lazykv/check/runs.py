@@ -5,15 +5,13 @@ failure."""
 
 from __future__ import annotations
 
-import os
-import re
-import sys
 import time
-from typing import Dict, List
+from typing import Dict
 
 from lazykv.check.config import Rules
 from lazykv.check.program import CheckedProgram
 from lazykv.check.report import RuleResult
+from lazykv.native_log import NativeLog
 
 
 def dummy_inputs(info, fill_rule=None) -> list:
@@ -66,66 +64,11 @@ def _describe(x) -> str:
     return repr(x)
 
 
-class _CapturedStderr:
-    """Send stderr (file descriptor 2 and ``sys.stderr``) to a temporary file in the block.
-
-    ExecuTorch's runtime logs on stderr (CPU probing on every load; the reason for a
-    failure, e.g. ``Missing operator: [2] foo.out``, which the Python exception leaves
-    out), from C++ to fd 2 and from its Python bindings through ``sys.stderr`` (which is
-    not fd 2 under pytest's capture). The rule keeps the log and quotes what explains a
-    failure.
-    """
-
-    def __init__(self) -> None:
-        self.text = ""
-        self._pos = 0
-
-    def __enter__(self) -> "_CapturedStderr":
-        import tempfile
-
-        _flush(sys.stderr)
-        self._tmp = tempfile.TemporaryFile()
-        self._saved_fd = os.dup(2)
-        os.dup2(self._tmp.fileno(), 2)
-        self._saved_sys = sys.stderr
-        self._py = open(self._tmp.fileno(), "w", encoding="utf-8", errors="replace",
-                        buffering=1, closefd=False)
-        sys.stderr = self._py
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _flush(self._py)
-        sys.stderr = self._saved_sys
-        self._py.close()
-        os.dup2(self._saved_fd, 2)
-        os.close(self._saved_fd)
-        self._tmp.seek(0)
-        self.text = self._tmp.read().decode("utf-8", "replace")
-        self._tmp.close()
-
-    def new_text(self) -> str:
-        """What was written since the last call (inside the block)."""
-        _flush(self._py)
-        fd = self._tmp.fileno()
-        end = os.fstat(fd).st_size
-        start = self._pos
-        self._pos = end
-        return os.pread(fd, end - start, start).decode("utf-8", "replace") if end > start else ""
-
-    @staticmethod
-    def relevant(text: str, limit: int = 4) -> List[str]:
-        """The log lines that explain a failure (errors, missing kernels), last ``limit``."""
-        pat = re.compile(r"missing|error|fail|not found|invalid|abort|mismatch", re.I)
-        lines = [ln.strip() for ln in text.splitlines()]
-        keep = [ln for ln in lines if ln and pat.search(ln) and "cpuinfo" not in ln]
-        return keep[-limit:]
-
-
 def rule_runs(p: CheckedProgram, rules: Rules) -> RuleResult:
     from lazykv.errors import InvalidProgram
 
     r = RuleResult("runs", True, "")
-    log = _CapturedStderr()
+    log = NativeLog(fds=(2,))
     ran: Dict[str, dict] = {}
     with log:
         try:
@@ -173,15 +116,8 @@ def rule_runs(p: CheckedProgram, rules: Rules) -> RuleResult:
     return r
 
 
-def _flush(stream) -> None:
-    try:
-        stream.flush()
-    except (AttributeError, OSError, ValueError):
-        pass
-
-
 def _quote(log_text: str) -> str:
-    lines = _CapturedStderr.relevant(log_text)
+    lines = NativeLog.relevant(log_text)
     return f" (runtime log: {' | '.join(lines)})" if lines else ""
 
 
