@@ -47,6 +47,7 @@ class InputSpec:
     dynamic: bool = False
 
     def describe(self) -> str:
+        """``int64[1x128] (dims up to these)``: what the input must be, for messages."""
         if self.kind != "tensor":
             return self.kind
         dims = "x".join(str(d) for d in self.sizes)
@@ -55,6 +56,7 @@ class InputSpec:
         )
 
     def as_dict(self) -> dict:
+        """A JSON-ready dict (the dtype by name; :meth:`from_dict` reads it back)."""
         d = dataclasses.asdict(self)
         d["dtype"] = None if self.dtype is None else str(self.dtype).replace("torch.", "")
         d["sizes"] = list(self.sizes)
@@ -62,6 +64,7 @@ class InputSpec:
 
     @staticmethod
     def from_dict(d: dict) -> "InputSpec":
+        """The :class:`InputSpec` of a dict made by :meth:`as_dict`."""
         dt = d.get("dtype")
         return InputSpec(
             index=int(d["index"]),
@@ -92,9 +95,11 @@ class MethodInfo:
 
     @property
     def uses_lazy(self) -> bool:
+        """The session passes KV storage after the user's inputs."""
         return bool(self.lazy_fqns)
 
     def describe_inputs(self) -> str:
+        """Every input described (:meth:`InputSpec.describe`), for messages."""
         return ", ".join(s.describe() for s in self.inputs) or "no inputs"
 
     # -- the full checks -----------------------------------------------------------------

@@ -92,6 +92,7 @@ class _Digest:
             pool.shutdown(wait=False)
 
     def result(self) -> str:
+        """The sha256 (waits for the thread if it is still hashing)."""
         if self._future is not None:
             self.known = self._future.result()
             self._future = None

@@ -54,6 +54,7 @@ class PreparedProgram:
 
     @property
     def lazy(self) -> bool:
+        """Some KV buffer is lazy (the runtime loads a rebound copy)."""
         return self.manifest is not None and bool(self.manifest.lazy_buffers)
 
     def to_json(self) -> str:

@@ -50,6 +50,7 @@ _MAX_LISTED = 10
 
 
 def rule_no_duplicate_constants(p: CheckedProgram, rules: Rules) -> RuleResult:
+    """``no-duplicate-constants`` (module docstring)."""
     prog = p.program
     r = RuleResult("no-duplicate-constants", True, "")
     # 1. What the lazykv manifest records about constants shared by FQN.

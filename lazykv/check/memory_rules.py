@@ -15,6 +15,7 @@ from lazykv.format.program import Tensor
 
 
 def rule_expect_lazy_kv(p: CheckedProgram, rules: Rules) -> RuleResult:
+    """``expect-lazy-kv``: every position-indexed KV cache is lazy (marked, not planned)."""
     info = p.info
     kv = info["kv_buffers"]
     r = RuleResult("expect-lazy-kv", True, "", figures={
@@ -53,6 +54,7 @@ def rule_expect_lazy_kv(p: CheckedProgram, rules: Rules) -> RuleResult:
 
 
 def rule_max_planned(p: CheckedProgram, rules: Rules) -> RuleResult:
+    """``max-planned-bytes``: the planned arenas stay within the limit; names the largest buffers."""
     info, limit = p.info, rules.max_planned_bytes
     planned = info["planned_bytes"]
     r = RuleResult("max-planned-bytes", planned <= limit,
@@ -82,6 +84,7 @@ def rule_max_planned(p: CheckedProgram, rules: Rules) -> RuleResult:
 
 
 def rule_max_kv(p: CheckedProgram, rules: Rules) -> RuleResult:
+    """``max-kv-bytes-at-max-context``: all KV caches at their bound stay within the limit."""
     info, limit = p.info, rules.max_kv_bytes_at_max_context
     kv = sorted(info["kv_buffers"], key=lambda b: -b["nbytes"])
     total = info["kv_bytes_at_max_context"]
@@ -110,6 +113,7 @@ def _max_context(p: CheckedProgram) -> Optional[int]:
 
 
 def rule_max_load(p: CheckedProgram, rules: Rules) -> RuleResult:
+    """``max-load-bytes``: planned + constants + named data + delegate blobs within the limit."""
     info, limit = p.info, rules.max_load_bytes
     planned = info["planned_bytes"]
     consts = info["constants"]["bytes"]
@@ -150,6 +154,7 @@ def rule_max_load(p: CheckedProgram, rules: Rules) -> RuleResult:
 
 
 def rule_methods(p: CheckedProgram, rules: Rules) -> RuleResult:
+    """``methods``: the program has at least these methods."""
     have = p.pte.method_names
     missing = [m for m in rules.methods if m not in have]
     shown = ", ".join(have)
@@ -172,6 +177,7 @@ def _alloc_range(t: Tensor) -> Optional[Tuple[int, int, int]]:
 
 
 def rule_shared_kv(p: CheckedProgram, rules: Rules) -> RuleResult:
+    """``shared-kv``: every method that binds a KV cache binds the same ones, not overwritten."""
     kv = p.info["kv_buffers"]
     r = RuleResult("shared-kv", True, "", figures={"kv_buffers": len(kv)})
     if not kv:

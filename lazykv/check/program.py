@@ -30,9 +30,11 @@ class CheckedProgram:
 
     @property
     def program(self) -> Program:
+        """The program model (:mod:`lazykv.format.program`)."""
         return self.pte.program
 
     def plan(self, name: str) -> Plan:
+        """The method named ``name``."""
         return self.pte.plan(name)
 
     def delegate_blobs(self) -> Dict[Tuple[int, int], dict]:
@@ -53,12 +55,14 @@ class CheckedProgram:
         return self._delegates
 
     def delegate_bytes(self, loc: int, idx: int) -> bytes:
+        """The bytes of a delegate blob (a segment, or inline in the program)."""
         if loc == S.SEGMENT:
             return bytes(self.pte.segment(idx))
         span = self.program.inline_delegates[idx]
         return self.pte.region[span.start : span.start + span.size]
 
     def close(self) -> None:
+        """Unmap the file."""
         self.pte.close()
 
 

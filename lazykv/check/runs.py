@@ -65,6 +65,7 @@ def _describe(x) -> str:
 
 
 def rule_runs(p: CheckedProgram, rules: Rules) -> RuleResult:
+    """``runs`` (module docstring)."""
     from lazykv.errors import InvalidProgram
 
     r = RuleResult("runs", True, "")

@@ -36,6 +36,7 @@ class Allocation(NamedTuple):
 
     @property
     def offset(self) -> int:
+        """Byte offset in the arena (the two 32-bit halves joined)."""
         return (self.offset_high << 32) + self.offset_low
 
 
@@ -81,17 +82,22 @@ class Instruction(NamedTuple):
 
 
 class Chain(NamedTuple):
+    """A chain of instructions with its input and output value indices."""
+
     inputs: List[int]
     outputs: List[int]
     instructions: List[Instruction]
 
 
 class Operator(NamedTuple):
+    """An operator a kernel call names (``aten::add``, overload ``out``)."""
+
     name: str
     overload: str
 
     @property
     def full_name(self) -> str:
+        """``name.overload`` (just the name without an overload)."""
         return f"{self.name}.{self.overload}" if self.overload else self.name
 
 
@@ -147,11 +153,15 @@ class Plan:
 
 
 class Segment(NamedTuple):
+    """A data segment: ``offset`` from the segment base offset, ``size`` in bytes."""
+
     offset: int
     size: int
 
 
 class NamedData(NamedTuple):
+    """A named-data entry: its key and the segment holding its bytes."""
+
     key: str
     segment_index: int
 
@@ -164,6 +174,8 @@ class Span(NamedTuple):
 
 
 class ConstantSegment(NamedTuple):
+    """Where constant tensors live: a segment and each constant's offset in it."""
+
     segment_index: int
     offsets: List[int]
 
@@ -183,6 +195,7 @@ class Program:
 
     @property
     def method_names(self) -> List[str]:
+        """Every method name, in program order."""
         return [p.name for p in self.plans]
 
     def plan(self, name: str) -> Plan:

@@ -99,6 +99,7 @@ class PteFile:
         return None
 
     def named_data_keys(self) -> List[str]:
+        """The keys of every named-data entry, in program order."""
         return [nd.key for nd in self.program.named_data]
 
     @property
@@ -114,6 +115,7 @@ class PteFile:
 
     @property
     def method_names(self) -> List[str]:
+        """Every method name, in program order."""
         return self.program.method_names
 
     def plan(self, method: str) -> Plan:

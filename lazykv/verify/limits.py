@@ -32,10 +32,12 @@ class MethodLimits:
     max_positions: Optional[int] = None
 
     def as_dict(self) -> dict:
+        """A JSON-ready dict (:meth:`from_dict` reads it back)."""
         return {**dataclasses.asdict(self), "token_inputs": [list(t) for t in self.token_inputs]}
 
     @staticmethod
     def from_dict(d: dict) -> "MethodLimits":
+        """The :class:`MethodLimits` of a dict made by :meth:`as_dict`."""
         return MethodLimits(**{**d, "token_inputs": tuple(tuple(t) for t in d.get("token_inputs", ()))})
 
 

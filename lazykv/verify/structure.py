@@ -70,6 +70,7 @@ class DelegateBlobs:
 
 
 def numel(t: Tensor) -> int:
+    """Elements of ``t`` at its recorded (upper-bound) shape."""
     n = 1
     for d in t.sizes:
         n *= d
