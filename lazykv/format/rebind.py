@@ -14,9 +14,10 @@ edits on a copy of the program flatbuffer region, nothing else (``docs/format.md
    flatbuffer's end (4-byte aligned): the old inputs, then the lazy tensors' value
    indices in manifest order; the field's forward offset is pointed at it;
 3. the extended header gets the new program size; the segment base offset stays put
-   when the padding in front of the segments has room (it almost always does), else it
+   when the padding in front of the segments has room for the new vectors, else it
    moves to the next multiple of its alignment (the largest power of two dividing it,
-   at least 128, at most 64 KiB), and the segment bytes follow unchanged.
+   at least 128, at most 64 KiB; ExecuTorch's Llama exports move by a few hundred
+   bytes), and the segment bytes follow unchanged.
 
 Anything else in the file is as exported. A layout this cannot patch (no extended
 header, a lazy tensor that is planned or has no FQN, a plan without an inputs field)
