@@ -23,7 +23,8 @@ from typing import Dict, Iterable, List, Optional
 from benchmarks.common import CACHE, GIB, ROOT, log, meminfo, now, versions, worker
 
 # Sources whose change changes the exported program.
-_EXPORT_SOURCES = ["lazykv/export.py", "lazykv/models/llama.py", "lazykv/manifest.py"]
+_EXPORT_SOURCES = ["lazykv/export.py", "lazykv/models/llama.py", "lazykv/manifest.py",
+                   "lazykv/_et_compat.py", "lazykv/format/scalar_type.py"]
 _LAZY_SOURCES = ["passes"]  # lazy and multi-method exports run lazykv's passes
 #: Bump when the benchmark's own two-method program changes.
 _LINEAR_VERSION = 1
