@@ -218,6 +218,8 @@ def test_format_and_inspect_import_neither_torch_nor_executorch(example_lazy):
         "from lazykv.format.rebind import rebind_region\n"
         f"info = inspect_pte({str(example_lazy[1].path)!r})\n"
         "assert info['lazy_kv_bytes'] > 0\n"
+        "from lazykv.cli.main import cli\n"
+        f"cli(['inspect', '--json', {str(example_lazy[1].path)!r}], standalone_mode=False)\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'executorch'))\n"
         "assert not heavy, heavy\n"
     )
