@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lazykv import _et_compat
+from lazykv import _et_compat, disk_cache
 from lazykv.errors import LazyKVError
 from lazykv.models.llama import PRESETS, LlamaShape, write_random_checkpoint
 
@@ -41,15 +41,9 @@ ProgressFn = Callable[[str, float], None]
 
 
 def cache_dir() -> Path:
-    """Where lazykv keeps generated checkpoints and rewritten programs.
-
-    ``$LAZYKV_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/lazykv`` or ``~/.cache/lazykv``.
-    """
-    env = os.environ.get("LAZYKV_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lazykv"
+    """Where lazykv keeps generated checkpoints: lazykv's cache folder
+    (:func:`lazykv.disk_cache.cache_dir`)."""
+    return disk_cache.cache_dir()
 
 
 @dataclasses.dataclass(frozen=True)

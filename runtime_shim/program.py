@@ -24,7 +24,7 @@ from lazykv.runtime_shim.inputs import MethodInfo
 from lazykv.runtime_shim.loader import load_prepared
 from lazykv.runtime_shim.policy import GrowthPolicy, parse_policy
 from lazykv.runtime_shim.prepare import PreparedProgram
-from lazykv.runtime_shim.program_cache import default_cache_dir
+from lazykv.disk_cache import cache_dir as default_cache_dir
 from lazykv.verify import MethodLimits
 
 logger = logging.getLogger(__name__)

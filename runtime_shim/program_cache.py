@@ -1,4 +1,5 @@
-"""The shim's disk cache, keyed by the sha256 of a source ``.pte``.
+"""The shim's entries in lazykv's disk cache folder (:func:`lazykv.disk_cache.cache_dir`),
+keyed by the sha256 of a source ``.pte``.
 
 Per source program it holds the :class:`lazykv.runtime_shim.prepare.PreparedProgram`
 (``<sha256>.prepared.json``, a few KB) and, for a lazy program, the rebound copy the
@@ -25,15 +26,6 @@ logger = logging.getLogger(__name__)
 #: Version of the rebound file's bytes (:mod:`lazykv.format.rebind`); bump when the
 #: rewrite changes, so stale copies are never reused.
 REBIND_VERSION = 1
-
-
-def default_cache_dir() -> Path:
-    """``$LAZYKV_CACHE_DIR``, else ``$XDG_CACHE_HOME/lazykv``, else ``~/.cache/lazykv``."""
-    env = os.environ.get("LAZYKV_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lazykv"
 
 
 #: abspath -> ((size, mtime_ns, inode), sha256) of sources hashed in this process.
