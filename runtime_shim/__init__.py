@@ -30,6 +30,7 @@ from lazykv.runtime_shim.policy import (
     parse_policy,
 )
 from lazykv.runtime_shim.program import LazyProgram, load
+from lazykv.runtime_shim.prompt_cache import PromptCache, PromptCacheStats
 from lazykv.runtime_shim.session import Freed, Session, SessionStats
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "Session",
     "SessionStats",
     "Freed",
+    "PromptCache",
+    "PromptCacheStats",
     "DynamicAllocator",
     "TorchAllocator",
     "TrackingAllocator",

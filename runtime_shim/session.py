@@ -55,7 +55,7 @@ class SessionStats:
     ``grow_events`` counts buffer allocations and enlargements (one per buffer: a
     session of 8 buffers growing once adds 8); ``peak_bytes`` includes the transient of
     a grow (old and new storage of one buffer alive together); ``bytes_copied`` is the
-    prefix data moved by grows and shrinks.
+    prefix data moved by grows and shrinks, and copied in by :meth:`Session.fork`.
     """
 
     current_bytes: int
@@ -95,7 +95,9 @@ def _locked(fn):
 class Session:
     """One conversation. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, program) -> None:
+    def __init__(self, program, *, _allocate: bool = True) -> None:
+        # _allocate=False: no initial storage even under ``preallocate`` (a fork or a
+        # prompt-cache entry sizes its storage itself).
         self.program = program
         self._alloc = TrackingAllocator(program.allocator)
         self._kv: Dict[str, Optional[torch.Tensor]] = {b.fqn: None for b in program.buffers}
@@ -114,7 +116,7 @@ class Session:
                     program.source,
                 )
         initial = program.policy.initial(program.max_positions, program.bytes_per_position)
-        if program.lazy and initial:
+        if program.lazy and initial and _allocate:
             self._check_budget(initial, initial)
             self._resize(initial)
 
@@ -443,6 +445,59 @@ class Session:
         if not self.program.lazy:
             self.program._sessions_open -= 1
 
+    # -- fork --------------------------------------------------------------------------
+
+    @_locked
+    def fork(self, positions: Optional[int] = None) -> "Session":
+        """A new session holding a copy of this one's first ``positions`` filled positions
+        (default: all of them), independent of this one from then on.
+
+        Its storage is what the policy holds for ``positions`` (clamped to the exported
+        bound and to ``max_bytes``), from the program's allocator; only the filled prefix
+        is copied (counted in the new session's ``stats.bytes_copied``). Any method of
+        the program can continue it at position ``positions``. Raises
+        :class:`InvalidInput` for ``positions`` outside ``0..offset``,
+        :class:`MemoryBudgetExceeded` past ``max_bytes``, :class:`AllocationFailed` when
+        storage cannot be had, :class:`SessionClosed`, and :class:`LazyKVError` for a
+        program without lazy KV buffers (its state lives inside the runtime). This session
+        is unchanged whatever happens, and a failed fork leaves nothing allocated.
+        """
+        return self._fork(positions, exact=False)
+
+    def _fork(self, positions: Optional[int], *, exact: bool) -> "Session":
+        """:meth:`fork` under the caller's lock; ``exact`` holds exactly ``positions``
+        positions instead of the policy's capacity (a prompt-cache entry)."""
+        self._check_open()
+        prog = self.program
+        if not prog.lazy:
+            raise LazyKVError(
+                f"{prog.source} has no lazy KV buffers: its state lives inside the runtime "
+                f"and cannot be forked; export it with lazykv to fork sessions"
+            )
+        n = self._filled if positions is None else positions
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self._filled:
+            raise InvalidInput(
+                f"fork(positions={positions!r}): positions must be an int from 0 to the "
+                f"{self._filled} this session has filled"
+            )
+        child = Session(prog, _allocate=not exact)
+        try:
+            if n:
+                bound = prog.max_positions
+                target = n if exact else max(min(prog.policy.capacity(n, bound, prog.bytes_per_position), bound), n)
+                target = child._check_budget(n, target)
+                if target != child._capacity:
+                    child._resize(target)
+                for b in prog.buffers:
+                    src = self._kv[b.fqn].narrow(b.growth_axis, 0, n)
+                    child._kv[b.fqn].narrow(b.growth_axis, 0, n).copy_(src)
+                    child._alloc.record_copy(b.bytes_per_position * n, name=b.fqn)
+                child._filled = n
+        except BaseException:
+            child.close()
+            raise
+        return child
+
     def __enter__(self) -> "Session":
         return self
 
@@ -512,7 +567,9 @@ class Session:
         return size
 
     @classmethod
-    def _restore(cls, program, path) -> "Session":
+    def _restore(cls, program, path, *, exact: bool = False) -> "Session":
+        """A session read from ``path``; ``exact`` holds exactly its positions instead of
+        the policy's capacity (a prompt-cache entry)."""
         path = Path(path)
         try:
             f = open(path, "rb")
@@ -536,28 +593,15 @@ class Session:
             except Exception:
                 raise SessionFileError(f"{path}: session header is corrupt or truncated") from None
             try:
-                return cls._restore_from(program, path, f, h, hlen, size)
+                return cls._restore_from(program, path, f, h, hlen, size, exact)
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise SessionFileError(
                     f"{path}: session header is malformed ({type(e).__name__}: {e})"
                 ) from None
 
     @classmethod
-    def _restore_from(cls, program, path, f, h: dict, hlen: int, size: int) -> "Session":
-        if h.get("format") != SESSION_FORMAT:
-            raise SessionFileError(f"{path}: not a lazykv session file (format {h.get('format')!r})")
-        if not isinstance(h.get("version"), int) or h["version"] > SESSION_VERSION:
-            raise SessionFileError(
-                f"{path}: session file version {h.get('version')!r} is newer than this "
-                f"lazykv reads ({SESSION_VERSION}); upgrade lazykv"
-            )
-        if h.get("program_sha256") != program.digest:
-            raise SessionFileError(
-                f"{path}: this session was saved from a different program "
-                f"({h.get('program_source')!r}, sha256 {str(h.get('program_sha256'))[:12]}…) "
-                f"than {program.source!r} (sha256 {program.digest[:12]}…); load that "
-                f"program to restore it"
-            )
+    def _restore_from(cls, program, path, f, h: dict, hlen: int, size: int, exact: bool = False) -> "Session":
+        check_file_header(path, h, program, SESSION_FORMAT, SESSION_VERSION, "session file")
         filled = int(h.get("positions_filled", -1))
         if not 0 <= filled <= program.max_positions:
             raise SessionFileError(f"{path}: positions_filled {filled} is out of range")
@@ -583,11 +627,11 @@ class Session:
             )
         want = h.get("payload_sha256")  # absent in files from before the checksum
         digest = hashlib.sha256()
-        s = cls(program)
+        s = cls(program, _allocate=not exact)
         try:
             if filled:
                 bound = program.max_positions
-                target = program.policy.capacity(filled, bound, program.bytes_per_position)
+                target = filled if exact else program.policy.capacity(filled, bound, program.bytes_per_position)
                 s._resize(s._check_budget(filled, max(min(target, bound), filled)))
                 base = 16 + hlen
                 for b in program.buffers:
@@ -618,6 +662,26 @@ class Session:
     def __repr__(self) -> str:
         st = "closed" if self._closed else f"{self._filled}/{self.capacity} positions, {self.kv_bytes} bytes"
         return f"Session({st})"
+
+
+def check_file_header(path, h: dict, program, fmt: str, version: int, what: str) -> None:
+    """Refuse (:class:`SessionFileError`) a saved header ``h`` read from ``path`` whose
+    ``format`` is not ``fmt``, whose ``version`` is newer than ``version``, or that was
+    saved from another program than ``program`` (by sha256). ``what`` names the file kind."""
+    if h.get("format") != fmt:
+        raise SessionFileError(f"{path}: not a lazykv {what} (format {h.get('format')!r})")
+    if not isinstance(h.get("version"), int) or h["version"] > version:
+        raise SessionFileError(
+            f"{path}: {what} version {h.get('version')!r} is newer than this lazykv reads "
+            f"({version}); upgrade lazykv"
+        )
+    if h.get("program_sha256") != program.digest:
+        raise SessionFileError(
+            f"{path}: this {what} was saved from a different program "
+            f"({h.get('program_source')!r}, sha256 {str(h.get('program_sha256'))[:12]}…) "
+            f"than {program.source!r} (sha256 {program.digest[:12]}…); load that "
+            f"program to read it"
+        )
 
 
 def _describe(info) -> str:
