@@ -9,11 +9,14 @@ sum; ``LazyProgram.estimate`` and ``lazykv inspect`` give the same figures.
 
 The runtime's own memory (:data:`RUNTIME_BYTES`) is a constant measured on this
 project's machine (x86-64, ExecuTorch 1.5.1, XNNPACK, 2 threads): resident growth after
-the first call, less weights and arenas, was 21-23 MiB for the tiny Llama (15 MiB of
-weights and arenas) and 22-24 MiB for stories110m (516 MiB): code pages of the kernels
-touched for the first time, XNNPACK's workspace and thread stacks. Weights are counted
-once: a program with several methods is loaded with XNNPACK's weight cache on
-(:mod:`lazykv.runtime_shim.weight_cache`), else each method would pack its own copy.
+the first call, less weights and arenas, was 16-23 MiB for the tiny Llama (15 MiB of
+weights and arenas) and 20-24 MiB for stories110m (516 MiB). About 17 MiB of it are
+file pages of the kernels' code, mapped when first run; how many of their neighbours
+come along depends on what the page cache holds (the kernel maps cached pages around
+each fault), hence the spread. The rest is XNNPACK's workspace and thread stacks.
+Weights are counted once: a program with several methods is loaded with XNNPACK's
+weight cache on (:mod:`lazykv.runtime_shim.weight_cache`), else each method would pack
+its own copy.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Optional, Union
 from lazykv.errors import ContextOverflow, InvalidInput, MemoryBudgetExceeded
 
 #: The runtime's resident memory beyond weights, arenas and KV (see the module doc).
-RUNTIME_BYTES = 22 << 20
+RUNTIME_BYTES = 20 << 20
 
 
 @dataclasses.dataclass(frozen=True)

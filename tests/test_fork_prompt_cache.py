@@ -423,3 +423,97 @@ def test_allocation_failure_under_an_address_space_limit(tiny_pte, cache_dir):
     assert out["trim"][0] == 1048 and out["trim"][2:] == [1000, 1024]
     assert out["exact"] is True
     assert out["end"] == [2048, 2048]
+
+
+# -- generate --shared-prefix -----------------------------------------------------------------
+
+
+def test_generate_shared_prefix_equals_sessions_computing_it(prog, tiny_pte, cache_dir, monkeypatch):
+    """K sessions whose prompts share P tokens: computed once and forked, each session
+    generates what a session of its own computes from the same calls (prefix, then the
+    rest); the CLI's JSON reports the prefix's time and what the forks saved."""
+    from click.testing import CliRunner
+
+    from lazykv.cli.generate_cmd import generate
+    from lazykv.runtime_shim.generate import greedy_generate
+
+    r = greedy_generate(prog, 150, 6, sessions=3, shared_prefix=130, seed=4)
+    assert all(p[:130] == r.prompts[0][:130] for p in r.prompts)
+    assert len({tuple(p[130:]) for p in r.prompts}) == 3
+    for p, toks in zip(r.prompts, r.tokens):
+        with prog.session() as s:
+            _feed(s, torch.tensor([p[:130]]))
+            out = _feed(s, torch.tensor([p[130:]]))
+            assert [_last(out)] + [_last(o) for o in _decode(s, _last(out), 5)] == toks
+    sp = r.shared_prefix
+    bpp = prog.bytes_per_position
+    assert sp["positions"] == 130 and sp["bytes_copied"] == sp["bytes_saved"] == 2 * 130 * bpp
+    assert sp["positions_saved"] == 260 and sp["fork_seconds"] < sp["prefill_seconds"]
+    monkeypatch.setenv("LAZYKV_CACHE_DIR", cache_dir)
+    cli = CliRunner().invoke(generate, [tiny_pte, "--prompt-len", "40", "--new-tokens", "4",
+                                        "--sessions", "2", "--shared-prefix", "32", "--json"], obj={})
+    assert cli.exit_code == 0, cli.output
+    d = json.loads(cli.stdout)["shared_prefix"]
+    assert d["positions"] == 32 and d["bytes_saved"] == 32 * bpp and d["prefill_seconds"] > 0
+    bad = CliRunner().invoke(generate, [tiny_pte, "--prompt-len", "8", "--shared-prefix", "9"], obj={})
+    assert bad.exit_code == 2 and "longer than --prompt-len" in bad.output
+
+
+# -- memory estimate ---------------------------------------------------------------------------
+
+_MEASURE = textwrap.dedent(
+    """
+    import gc, json, sys
+    import torch
+    from lazykv.runtime_shim.program import _runtime
+    from lazykv import runtime_shim
+
+    def rss():
+        gc.collect()
+        return [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:")][0]
+
+    _runtime()
+    base = rss()
+    prog = runtime_shim.load(sys.argv[1], cache_dir=sys.argv[2])
+    out, ss = {}, []
+    for n in (1, 2):
+        s = prog.session()
+        for i in range(0, 1024, 127):
+            k = min(127, 1024 - i)
+            s.run("forward", [torch.randint(0, 1024, (1, k)), torch.tensor([i])])
+        ss.append(s)
+        out[n] = [rss() - base, prog.estimate(1024, n)]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_estimate_matches_resident_memory_and_inspect(prog, tiny_pte, cache_dir):
+    """The estimate is within 10 % of a fresh process's RSS growth (load + 1 and 2
+    sessions of 1024 positions), and inspect reports the same figures."""
+    from click.testing import CliRunner
+
+    from lazykv.cli.inspect_cmd import inspect
+    from lazykv.estimate import RUNTIME_BYTES
+
+    r = subprocess.run([sys.executable, "-c", _MEASURE, tiny_pte, cache_dir], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for n, (measured, est) in json.loads(r.stdout.strip().splitlines()[-1]).items():
+        assert abs(est - measured) <= 0.10 * measured, (n, measured, est)
+    fp = prog.footprint()
+    bpp = prog.bytes_per_position
+    assert fp.bytes_per_position == bpp and fp.max_positions == prog.max_positions
+    assert prog.estimate(1000, 3) == fp.fixed_bytes + 3 * 1024 * bpp  # doubling holds 1024
+    assert fp.fixed_bytes == fp.weights_bytes + fp.planned_bytes + RUNTIME_BYTES
+    budget = fp.fixed_bytes + 5 * 1024 * bpp + 1
+    assert prog.capacity(budget, 1000) == 5 and prog.capacity(fp.fixed_bytes - 1, 10) == 0
+    with pytest.raises(LazyKVError, match="past the exported bound of 4096"):
+        prog.estimate(5000)
+    with pytest.raises(InvalidInput, match="sessions must be an int >= 0"):
+        prog.estimate(10, -1)
+    d = json.loads(CliRunner().invoke(inspect, [tiny_pte, "--json"]).output)["memory_estimate"]
+    assert d["fixed_bytes"] == fp.fixed_bytes and d["kv_bytes_per_position"] == bpp
+    assert d["kv_bytes_per_session_at_max_context"] == bpp * prog.max_positions
+    text = CliRunner().invoke(inspect, [tiny_pte]).output
+    assert "memory estimate" in text and f"{bpp:,} B per position" in text
