@@ -678,13 +678,14 @@ def serving_cache(lazy, system_len, own_min, own_max, inserts, fetches, budget_p
              "miss": [rng.randrange(vocab) for _ in range(12)]}[kind]
         t = time.perf_counter()
         s, reused = cache.fetch(q)
-        got = _feed_calls(s, q, [(reused, len(q))])
+        rest = [(a, min(a + chunk, len(q))) for a in range(reused, len(q), chunk)]
+        got = _feed_calls(s, q, rest)
         dt = time.perf_counter() - t
         s.close()
         held_max = max(held_max, cache.bytes)
         kinds.append([kind, reused])
         with prog.session() as r:  # the same calls as the entry's up to `reused`, then the rest
-            ref = _feed_calls(r, q, _grid_calls(reused, reused // 32 * 32) + [(reused, len(q))])
+            ref = _feed_calls(r, q, _grid_calls(reused, reused // 32 * 32) + rest)
         mismatches += 0 if torch.equal(ref, got) else 1
         if reused:
             with prog.session() as r:  # what a hit saves: the whole query in ordinary calls
