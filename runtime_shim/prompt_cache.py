@@ -127,6 +127,7 @@ class PromptCache:
 
     @property
     def stats(self) -> PromptCacheStats:
+        """Entries, bytes held, hits, misses, evictions... now (:class:`PromptCacheStats`)."""
         with self._lock:
             return PromptCacheStats(
                 entries=len(self._entries), bytes=self._bytes, max_bytes=self.max_bytes,
@@ -201,7 +202,7 @@ class PromptCache:
             self._inserts += 1
             return entry.kv_bytes
 
-    def fetch(self, tokens, *, leave: int = 1):
+    def fetch(self, tokens, *, leave: int = 1) -> Tuple[Session, int]:
         """``(session, reused)``: a new session forked from the cached entry that shares
         the longest prefix with ``tokens``, holding its first ``reused`` positions; feed
         it ``tokens[reused:]`` from position ``reused``.
