@@ -493,6 +493,9 @@ class Session:
                     child._kv[b.fqn].narrow(b.growth_axis, 0, n).copy_(src)
                     child._alloc.record_copy(b.bytes_per_position * n, name=b.fqn)
                 child._filled = n
+        except AllocationFailed as e:
+            child.close()
+            raise AllocationFailed(f"fork of {n} positions: {e}") from None
         except BaseException:
             child.close()
             raise

@@ -419,7 +419,8 @@ def test_allocation_failure_under_an_address_space_limit(tiny_pte, cache_dir):
     offset, capacity, kv = out["after_failure"]
     assert offset == 2048 and capacity == 2048  # positions kept; some buffers may have grown
     assert 2048 * bpp <= kv < 4096 * bpp
-    assert "fork_error" in out and out["after_fork"] == out["after_failure"]
+    assert out["fork_error"].startswith("fork of 2048 positions: ")
+    assert out["after_fork"] == out["after_failure"]
     assert out["trim"][0] == 1048 and out["trim"][2:] == [1000, 1024]
     assert out["exact"] is True
     assert out["end"] == [2048, 2048]
