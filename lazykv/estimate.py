@@ -9,14 +9,15 @@ sum; ``LazyProgram.estimate`` and ``lazykv inspect`` give the same figures.
 
 The runtime's own memory (:data:`RUNTIME_BYTES`) is a constant measured on this
 project's machine (x86-64, ExecuTorch 1.5.1, XNNPACK, 2 threads): resident growth after
-the first calls, less weights, arenas and KV, was 14-23 MiB for the tiny Llama and 17-24
-MiB for stories110m. Nearly all of it is file pages of the shared libraries' code
-(kernels mapped as they first run; how many neighbouring pages the kernel maps along
-depends on what the page cache holds, hence the spread from one hour to the next); the
-rest, XNNPACK's workspace, is under 2 MiB. The constant sits near the top of that range,
-where a machine with a warm page cache (an app that has run before) lands; under memory
-pressure the figure is up to 6 MiB above the measured one: 15 % of the tiny Llama's
-35-43 MiB, 1 % of stories110m's 610 MiB.
+the first calls, less weights, arenas and KV, was 14-24 MiB for the tiny Llama and 17-24
+MiB for stories110m. Nearly all of it is file pages of the shared libraries' code: the
+kernels' pages mapped as they first run, plus whatever neighbouring pages of those files
+the page cache holds (the kernel maps them along with each fault). Right after the
+libraries were installed (every page cached) it came to 23-24 MiB; two hours later, with
+only the pages ever run still cached, to 14-17 MiB. The constant is the latter, a
+process of an app installed long ago; the rest, XNNPACK's workspace, is under 2 MiB.
+So the estimate is good to about -8..+2 MiB whatever the program: 5-20 % of the tiny
+Llama's 34-43 MiB, 1 % of stories110m's 610 MiB.
 
 Weights are counted once: a program with several methods is loaded with XNNPACK's
 weight cache on (:mod:`lazykv.runtime_shim.weight_cache`), else each method would pack
@@ -32,7 +33,7 @@ from typing import Optional, Union
 from lazykv.errors import ContextOverflow, InvalidInput, MemoryBudgetExceeded
 
 #: The runtime's resident memory beyond weights, arenas and KV (see the module doc).
-RUNTIME_BYTES = 20 << 20
+RUNTIME_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
