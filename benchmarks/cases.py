@@ -1,10 +1,11 @@
-"""The seven cases. Each ``case_X(ctx)`` measures (through :mod:`benchmarks.worker`
+"""The eight cases. Each ``case_X(ctx)`` measures (through :mod:`benchmarks.worker`
 subprocesses), draws its PNG and returns its table rows.
 
-Targets are the acceptance figures of issues 4 (lazy export), 5 (runtime shim) and 6
-(multi-method); rows without a target are context for the ratios.
+Targets are the acceptance figures of issues 4 (lazy export), 5 (runtime shim), 6
+(multi-method) and 18 (serving: fork, prompt cache, memory estimate); rows without a
+target are context for the ratios.
 
-About 680 lines in one module on purpose: it is the list of cases, one function each,
+About 800 lines in one module on purpose: it is the list of cases, one function each,
 read side by side (same row format, same helpers); each case is short.
 """
 
@@ -63,6 +64,7 @@ class Ctx:
             "transient": [self.s110(2048, True)],
             "multimethod": self.multimethod_arts(),
             "sessions": [self.s110(2048, True), self.tiny(4096, True)],
+            "serving": [self.s110(2048, True), self.tiny(4096, True)],
             "export": self.export_arts(),
         }[case]
 
@@ -589,6 +591,96 @@ def _plot_sessions(pts, warm, kv, closed) -> None:
     _save(fig, "sessions.png")
 
 
+# ================================================================================ serving
+
+
+def case_serving(ctx: Ctx) -> List[Result]:
+    """Many conversations on one program (issue 18): fork against recomputing a 512-token
+    prompt (stories110m), a prompt cache with a byte budget, the memory estimate against
+    measured RSS (tiny and stories110m, 1/2/4 sessions of 1024 positions)."""
+    C = "serving"
+    rows: List[Result] = []
+    art = ctx.s110(2048, True)
+    plot = {}
+    if art.exists:
+        steps = 16 if ctx.quick else 64
+        r = worker("serving_fork", lazy=str(art.path), prompt_len=512, steps=steps,
+                   forks=3 if ctx.quick else 7).out
+        pre, fk = MED(r["prefill_s"]), MED(r["fork_s"])
+        plot["fork"] = (pre, fk)
+        rows.append(row(C, f"fork after 512 tokens + {steps} steps on both: logits differing from fresh sessions",
+                        r["max_abs_diff"], "max |diff|", "==", 0,
+                        note=f"bit-identical: {r['bit_exact']}"))
+        rows.append(row(C, "fork / prefill time (512 tokens, stories110m)", fk / pre, "x", "<", 0.1,
+                        note=f"fork {fk * 1e3:.1f} ms (median of {len(r['fork_s'])}), prefill "
+                             f"{pre:.2f} s (median of {len(r['prefill_s'])}); load average {r['loadavg']:.1f}"))
+        extra = max(abs(a - r["prefix_bytes"]) + abs(c - r["prefix_bytes"])
+                    for a, c in zip(r["fork_alloc"], r["fork_copied"]))
+        rows.append(row(C, "fork: allocator bytes added and bytes copied - the 512-token prefix", extra, "B",
+                        "==", 0, note=f"prefix {r['prefix_bytes']:,} B"))
+        rows.append(row(C, "fork: process RSS growth / bytes copied", MED(r["fork_rss"]) / r["prefix_bytes"], "x",
+                        note="pages are committed only where the prefix is written"))
+        q = worker("serving_cache", lazy=str(art.path), system_len=128, own_min=150, own_max=350,
+                   inserts=10, fetches=20, budget_prefixes=3, seed=18).out
+        st = q["stats"]
+        rows.append(row(C, "prompt cache: most KV bytes held after any call / max_bytes", q["held_max"] / q["budget"],
+                        "x", "<=", 1, note=f"max_bytes {_mib(q['budget']):.0f} MiB = 3 prefixes; {st['inserts']} inserts, "
+                                             f"{st['hits']} hits, {st['misses']} misses, {st['evictions']} evictions"))
+        rows.append(row(C, "prompt cache: process peak RSS growth / (max_bytes + one prefix)",
+                        q["peak_rss_growth"] / (q["budget"] + q["prefix_bytes"]), "x", "<", 1,
+                        note=f"{_mib(q['peak_rss_growth']):.0f} MiB over the loaded program"))
+        rows.append(row(C, "prompt cache: fetched sessions whose logits differ from recomputation",
+                        q["mismatches"], f"of {q['fetches']}", "==", 0))
+        if q["hit_s"]:
+            rows.append(row(C, "prompt cache: hit (fork + the rest) / prefill of the whole query",
+                            MED([h / f for h, f in zip(q["hit_s"], q["full_s"])]), "x",
+                            note=f"median over {len(q['hit_s'])} hits; load average {q['loadavg']:.1f}"))
+    else:
+        rows += _missing(C, [art])
+    for label, a in (("tiny", ctx.tiny(4096, True)), ("stories110m", art)):
+        if not a.exists:
+            continue
+        # A fresh interpreter: a forked child maps the libraries' code pages anew as it runs
+        # them (40-50 MiB here), which a process that loads a program has mapped already.
+        r = worker("serving_estimate", lazy=str(a.path), counts=[1, 2, 4], tokens=1024, _fresh=True).out
+        pts = []
+        for n, p in sorted(r["points"].items(), key=lambda kv: int(kv[0])):
+            est, got = r["estimate"][n], p["rss"]
+            pts.append((int(n), got, est))
+            ratio = est / got
+            rows.append(Result(f"estimate / measured RSS growth, {label}, {n} session(s) x 1024",
+                               round(ratio, 4), "x", "1 +- 0.1", abs(ratio - 1) <= 0.1, C,
+                               f"{_mib(est):.1f} MiB estimated, {_mib(got):.1f} MiB measured"))
+        plot[label] = pts
+    if plot:
+        _plot_serving(plot)
+    return rows
+
+
+def _plot_serving(plot) -> None:
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.3))
+    if "fork" in plot:
+        pre, fk = plot["fork"]
+        a1.bar(["recompute 512 tokens", "fork"], [pre * 1e3, fk * 1e3], color=["#264653", "#e76f51"])
+        a1.set_ylabel("ms")
+        a1.set_title(f"stories110m: fork is {fk / pre:.1%} of recomputing the prefix", fontsize=10)
+    for label, col in (("tiny", "#2a9d8f"), ("stories110m", "#e76f51")):
+        pts = plot.get(label)
+        if not pts:
+            continue
+        ns = [n for n, _, _ in pts]
+        a2.plot(ns, [_mib(g) for _, g, _ in pts], "o-", color=col, label=f"{label} measured")
+        a2.plot(ns, [_mib(e) for _, _, e in pts], "x--", color=col, label=f"{label} estimate")
+    a2.set_xlabel("sessions of 1024 positions")
+    a2.set_ylabel("RSS growth over imports (MiB)")
+    a2.set_yscale("log")
+    a2.set_xticks([1, 2, 4])
+    a2.set_title("lazykv.estimate against measured RSS", fontsize=10)
+    a2.legend(fontsize=8)
+    _save(fig, "serving.png")
+
+
 # ================================================================================ export
 
 
@@ -680,5 +772,6 @@ CASES = {
     "transient": case_transient,
     "multimethod": case_multimethod,
     "sessions": case_sessions,
+    "serving": case_serving,
     "export": case_export,
 }

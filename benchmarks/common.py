@@ -205,7 +205,7 @@ def _merge_meta(meta: dict, old: dict, cases_run: Sequence[str]) -> dict:
     return out
 
 
-CASE_ORDER = ("load", "decode", "policies", "transient", "multimethod", "sessions", "export")
+CASE_ORDER = ("load", "decode", "policies", "transient", "multimethod", "sessions", "serving", "export")
 
 
 def _machine_line(meta: dict) -> str:
@@ -552,12 +552,13 @@ def fork_server(enabled: bool = True):
             _SERVER = None
 
 
-def worker(task: str, timeout: float = 1800, _cpus: Optional[set] = None, **kwargs) -> ChildRun:
+def worker(task: str, timeout: float = 1800, _cpus: Optional[set] = None, _fresh: bool = False,
+           **kwargs) -> ChildRun:
     """Run one :mod:`benchmarks.worker` task in a process of its own: a child of the fork
-    server inside :func:`fork_server` (measurements), else a fresh interpreter (pinned to
-    ``_cpus``)."""
+    server inside :func:`fork_server` (measurements), else (or with ``_fresh``) a fresh
+    interpreter (pinned to ``_cpus``)."""
     global _SERVER
-    if _SERVE and task not in ("export", "checkpoints"):
+    if _SERVE and not _fresh and task not in ("export", "checkpoints"):
         if _SERVER is None or _SERVER.proc.poll() is not None:  # first use, or it died
             log("starting the fork server (imports torch + executorch once for every measurement) ...")
             _SERVER = ForkServer()

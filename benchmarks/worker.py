@@ -521,6 +521,201 @@ def interleave(lazy, prompt_len, new_tokens, seed=0):
     return {"mismatches": mism, "tokens": 2 * new_tokens}
 
 
+# ------------------------------------------------------------------------------ serving
+
+
+def _feed(s, toks, chunk):
+    """Feed ``toks`` ([1, S]) from the session's offset in calls of ``chunk``; last logits."""
+    import torch
+
+    out = None
+    for i in range(0, toks.shape[1], chunk):
+        out = s.run("forward", [toks[:, i:i + chunk].contiguous(), torch.tensor([s.offset])])[0]
+    return out
+
+
+def _greedy_steps(s, first, steps):
+    """``steps`` greedy decode calls from token ``first``: every call's logits."""
+    import torch
+
+    outs, tok = [], first
+    for _ in range(steps):
+        out = s.run("forward", [torch.tensor([[tok]]), torch.tensor([s.offset])])[0]
+        outs.append(out)
+        tok = _argmax(out)
+    return outs
+
+
+@task
+def serving_fork(lazy, prompt_len, steps, forks=5, seed=0):
+    """A ``prompt_len``-token prompt, then ``forks`` forks of it timed one by one (each
+    closed, RSS and allocator bytes read while it lives), then the session and a fork
+    decode ``steps`` greedy tokens each from different first tokens; two fresh sessions
+    fed the same calls give the references (their prefills give more prefill timings)."""
+    import torch
+    from lazykv import runtime_shim
+
+    _runtime()
+    prog = runtime_shim.load(lazy, policy="doubling")
+    prog.load_method("forward")
+    chunk = _chunk(prog)
+    with prog.session() as w:  # warm the call path at this chunk size
+        w.run("forward", [torch.randint(0, 1000, (1, chunk)), torch.tensor([0])])
+    prompt = torch.randint(0, 1000, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    prefill_s = []
+    a = prog.session()
+    t = time.perf_counter()
+    _feed(a, prompt, chunk)
+    prefill_s.append(time.perf_counter() - t)
+    fork_s, fork_rss, fork_alloc, fork_copied = [], [], [], []
+    for _ in range(forks):
+        rss0 = _rss()
+        t = time.perf_counter()
+        f = a.fork()
+        fork_s.append(time.perf_counter() - t)
+        fork_rss.append(_rss() - rss0)
+        fork_alloc.append(f.allocator.current_bytes)
+        fork_copied.append(f.stats.bytes_copied)
+        f.close()
+    b = a.fork()
+    firsts = (5, 9)
+    outs = {0: [], 1: []}
+    for _ in range(steps):  # interleaved: the two must not share anything
+        for k, s in enumerate((a, b)):
+            tok = firsts[k] if not outs[k] else _argmax(outs[k][-1])
+            outs[k] += _greedy_steps(s, tok, 1)
+    a.close(), b.close()
+    max_diff, equal = 0.0, True
+    for k in (0, 1):
+        with prog.session() as r:
+            t = time.perf_counter()
+            _feed(r, prompt, chunk)
+            prefill_s.append(time.perf_counter() - t)
+            ref = _greedy_steps(r, firsts[k], steps)
+        for x, y in zip(ref, outs[k]):
+            equal = equal and torch.equal(x, y)
+            max_diff = max(max_diff, (x - y).abs().max().item())
+    return {"prompt_len": prompt_len, "steps": steps, "prefill_s": prefill_s, "fork_s": fork_s,
+            "fork_rss": fork_rss, "fork_alloc": fork_alloc, "fork_copied": fork_copied,
+            "prefix_bytes": prompt_len * prog.bytes_per_position, "bit_exact": equal,
+            "max_abs_diff": max_diff, "loadavg": os.getloadavg()[0]}
+
+
+def _grid_calls(n, tail_from, grid=32):
+    """Calls (start, end) covering positions [0, n): ``grid``-long calls up to
+    ``tail_from`` (a multiple of ``grid``), then one call per position. A prefix that
+    ends at a call boundary is computed alike by any session fed this way (XNNPACK may
+    round a position differently inside a longer call)."""
+    cuts = list(range(0, min(n, tail_from), grid)) + list(range(min(n, tail_from), n))
+    return [(c, min(e, n)) for c, e in zip(cuts, cuts[1:] + [n])]
+
+
+def _feed_calls(s, toks, calls):
+    import torch
+
+    out = None
+    for a, b in calls:
+        if b > s.offset:
+            a = max(a, s.offset)
+            out = s.run("forward", [torch.tensor([toks[a:b]]), torch.tensor([a])])[0]
+    return out
+
+
+@task
+def serving_cache(lazy, system_len, own_min, own_max, inserts, fetches, budget_prefixes, seed=0):
+    """PromptCache on a real model: ``inserts`` prompts (a shared ``system_len``-token
+    system prompt + their own tokens) and ``fetches`` queries in a seeded order, with
+    max_bytes = ``budget_prefixes`` x the longest prompt. After every call the cache's
+    bytes; the process's peak RSS over the loaded, warmed program; every fetched
+    session's logits against a fresh session fed the same calls; times of a hit
+    (fork + rest) and of computing the whole query."""
+    import random
+
+    import torch
+    from lazykv import runtime_shim
+    from lazykv.runtime_shim import PromptCache
+
+    _runtime()
+    prog = runtime_shim.load(lazy, policy="doubling")
+    prog.load_method("forward")
+    from lazykv.runtime_shim.generate import vocab_size
+
+    bpp = prog.bytes_per_position
+    vocab = vocab_size(prog)
+    rng = random.Random(seed)
+    system = [rng.randrange(vocab) for _ in range(system_len)]
+    prompts = []
+    while len(prompts) < inserts:
+        n = rng.randint(own_min, own_max)
+        if (system_len + n) % 32:  # a prompt's own calls end off the grid (see _grid_calls)
+            prompts.append(system + [rng.randrange(vocab) for _ in range(n)])
+    longest = max(len(p) for p in prompts)
+    cache = PromptCache(prog, budget_prefixes * longest * bpp)
+    chunk = _chunk(prog)
+    with prog.session() as w:  # warm the call lengths the run uses
+        _feed_calls(w, prompts[0], _grid_calls(40, 32))
+        _feed(w, torch.tensor([prompts[0][40:40 + chunk]]), chunk)
+    ops = ["i"] * inserts + ["f"] * fetches
+    rng.shuffle(ops)
+    ops.insert(0, ops.pop(ops.index("i")))
+    base = _rss()
+    reset_peak_rss()
+    held_max, mismatches, hit_s, full_s, kinds = 0, 0, [], [], []
+    inserted = []
+    for op in ops:
+        if op == "i":
+            p = prompts[len(inserted)]
+            with prog.session() as s:
+                _feed_calls(s, p, _grid_calls(len(p), (len(p) - 1) // 32 * 32))
+                cache.insert(s, p)
+            inserted.append(p)
+            held_max = max(held_max, cache.bytes)
+            continue
+        kind = rng.choice(["again", "extend", "system", "miss"])
+        b = rng.choice(inserted)
+        q = {"again": b, "extend": b + [rng.randrange(vocab) for _ in range(5)],
+             "system": system + [rng.randrange(vocab) for _ in range(6)],
+             "miss": [rng.randrange(vocab) for _ in range(12)]}[kind]
+        t = time.perf_counter()
+        s, reused = cache.fetch(q)
+        rest = [(a, min(a + chunk, len(q))) for a in range(reused, len(q), chunk)]
+        got = _feed_calls(s, q, rest)
+        dt = time.perf_counter() - t
+        s.close()
+        held_max = max(held_max, cache.bytes)
+        kinds.append([kind, reused])
+        with prog.session() as r:  # the same calls as the entry's up to `reused`, then the rest
+            ref = _feed_calls(r, q, _grid_calls(reused, reused // 32 * 32) + rest)
+        mismatches += 0 if torch.equal(ref, got) else 1
+        if reused:
+            with prog.session() as r:  # what a hit saves: the whole query in ordinary calls
+                t = time.perf_counter()
+                _feed(r, torch.tensor([q]), chunk)
+                full_s.append(time.perf_counter() - t)
+            hit_s.append(dt)
+    peak = proc_status()["VmHWM"] - base
+    st = cache.stats
+    cache.clear()
+    return {"budget": cache.max_bytes, "prefix_bytes": longest * bpp, "held_max": held_max,
+            "peak_rss_growth": peak, "mismatches": mismatches, "fetches": fetches,
+            "hit_s": hit_s, "full_s": full_s, "stats": st.as_dict(), "kinds": kinds,
+            "loadavg": os.getloadavg()[0]}
+
+
+@task
+def serving_estimate(lazy, counts, tokens):
+    """:func:`sessions` (RSS with 1, 2, 4 sessions of ``tokens`` positions over one loaded
+    program) beside ``lazykv.estimate``'s figure for each point."""
+    from lazykv.estimate import footprint_of
+    from lazykv.runtime_shim.policy import parse_policy
+
+    r = sessions(lazy, counts, tokens)
+    fp = footprint_of(lazy)
+    r["estimate"] = {str(n): fp.estimate(tokens, n, parse_policy("doubling")) for n in counts}
+    r["fixed_estimate"] = fp.fixed_bytes
+    return r
+
+
 def serve() -> None:
     """Fork server: read one ``{"task", "args"}`` JSON line at a time on stdin, run it in a
     forked child, answer one JSON line ``{"out" | "error", "wall", "cpu", "status"}``."""

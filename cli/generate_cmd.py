@@ -54,6 +54,9 @@ def _plot(result, path: str) -> None:
 @click.option("--max-bytes", default=None, help="Cap on each session's KV storage (e.g. 64MiB).")
 @click.option("--sessions", type=click.IntRange(min=1), default=1, show_default=True,
               help="Independent sessions, interleaved token by token.")
+@click.option("--shared-prefix", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The first P prompt tokens are the same in every session: computed once, "
+                   "then forked into the others (lazy programs).")
 @click.option("--method", default="forward", show_default=True, help="Decoder method to run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object on stdout.")
@@ -61,14 +64,16 @@ def _plot(result, path: str) -> None:
               help="Write a PNG of KV bytes against tokens, with the ideal as floor.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def generate(ctx, pte, prompt_len, new_tokens, policy, max_bytes, sessions, method, seed,
-             as_json, plot, quiet):
+def generate(ctx, pte, prompt_len, new_tokens, policy, max_bytes, sessions, shared_prefix, method,
+             seed, as_json, plot, quiet):
     """Generate greedily from a seeded random prompt and report KV memory.
 
     Prints tokens/s and the KV bytes held after load, after the prefill and at the end
     (messages on stderr; with --json, stdout holds only the JSON object with keys
     kv_bytes_after_load, kv_bytes_after_prefill, kv_bytes_end, peak_kv_bytes,
-    decode_tokens_per_s, tokens).
+    decode_tokens_per_s, tokens; with --shared-prefix also shared_prefix: positions,
+    prefill_seconds, fork_seconds, bytes_copied, prefill_seconds_unshared_estimate,
+    seconds_saved, positions_saved, bytes_saved).
     """
     from lazykv.runtime_shim import load
     from lazykv.runtime_shim.generate import greedy_generate
@@ -80,6 +85,8 @@ def generate(ctx, pte, prompt_len, new_tokens, policy, max_bytes, sessions, meth
         mb = parse_bytes(max_bytes) if max_bytes is not None else None
     except PolicyError as e:
         raise click.UsageError(str(e)) from None
+    if shared_prefix > prompt_len:
+        raise click.UsageError(f"--shared-prefix {shared_prefix} is longer than --prompt-len {prompt_len}")
 
     def err(msg):
         click.echo(msg, err=True)
@@ -106,7 +113,8 @@ def generate(ctx, pte, prompt_len, new_tokens, policy, max_bytes, sessions, meth
 
         try:
             result = greedy_generate(program, prompt_len, new_tokens, sessions=sessions,
-                                     seed=seed, method=method, progress=progress)
+                                     seed=seed, method=method, progress=progress,
+                                     shared_prefix=shared_prefix)
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)
@@ -125,6 +133,11 @@ def generate(ctx, pte, prompt_len, new_tokens, policy, max_bytes, sessions, meth
         if program.lazy:
             err(f"static program would hold {program.max_positions * program.bytes_per_position * sessions:,} "
                 f"bytes of KV; grow events {result.grow_events}, bytes copied {result.bytes_copied:,}")
+        sp = result.shared_prefix
+        if sp is not None:
+            err(f"shared prefix {sp['positions']} tokens: computed once in {sp['prefill_seconds']:.3f} s, "
+                f"forked {sessions - 1} x in {sp['fork_seconds']:.3f} s ({fmt_bytes(sp['bytes_copied'])} "
+                f"copied); computing it in every session: ~{sp['prefill_seconds_unshared_estimate']:.3f} s")
         if plot:
             err(f"wrote {plot}")
         if not as_json:

@@ -69,6 +69,18 @@ def render(info: dict) -> str:
     for sc in info.get("shared_constants") or []:
         w(f"  shared {sc['fqn']}: {fmt_bytes(sc['nbytes'])} methods {','.join(sc['methods'])}"
           f" {'stored once' if sc['stored_once'] else 'stored per method'}")
+    est = info.get("memory_estimate")
+    if est:
+        w("")
+        w(f"memory estimate (lazykv.estimate): {fmt_bytes(est['fixed_bytes'])} once (weights "
+          f"{fmt_bytes(est['weights_bytes'])}, arenas {fmt_bytes(est['planned_bytes'])}, runtime "
+          f"{fmt_bytes(est['runtime_bytes'])})")
+        if est["kv_bytes_per_position"]:
+            w(f"  + per session {est['kv_bytes_per_position']:,} B per position, "
+              f"{fmt_bytes(est['kv_bytes_per_session_at_max_context'])} at max context; one session "
+              f"at max context: {fmt_bytes(est['one_session_at_max_context'])}")
+        else:
+            w("  sessions share the program's planned state (no lazy KV buffers)")
     return "\n".join(out)
 
 
@@ -84,12 +96,18 @@ def inspect(file, as_json):
     \b
     JSON keys scripts can rely on: planned_bytes, methods{name: {planned_bytes, inputs,
     outputs}}, kv_buffers[{fqn, shape, dtype, dynamism, nbytes, lazy, methods}],
-    kv_bytes_at_max_context, lazy_kv_bytes, constants, mutable_buffers.
+    kv_bytes_at_max_context, lazy_kv_bytes, constants, mutable_buffers,
+    memory_estimate{fixed_bytes, weights_bytes, planned_bytes, runtime_bytes,
+    kv_bytes_per_position, kv_bytes_per_session_at_max_context, one_session_at_max_context}
+    (resident bytes expected once loaded, see lazykv.estimate).
     Exit code 2 when FILE cannot be read.
     """
     from lazykv.inspect import inspect_pte  # torch-free: the format layer only
 
+    from lazykv.estimate import footprint
+
     info = inspect_pte(file)
+    info["memory_estimate"] = footprint(info).as_json()
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Union
+from typing import Dict, Union
 
 from lazykv.format import schema as S
 from lazykv.format.program import BOOL, DOUBLE, INT, STRING, TENSOR, Plan, Tensor
@@ -114,26 +114,15 @@ def _inspect(pte: PteFile) -> dict:
     methods: Dict[str, dict] = {}
     constant_methods: Dict[str, object] = {}
     buffers: Dict[str, dict] = {}
-    arena_max: List[int] = []
-    const_count = 0
-    const_bytes = 0
-    seen_const = set()
+    arena_max = program.arena_bytes()
+    const_count, const_bytes = program.constant_tensor_bytes()
     for plan in program.plans:
         if plan.is_constant_method:
             vals = [_value_json(plan, i) for i in plan.outputs]
             constant_methods[plan.name] = vals[0].get("value") if len(vals) == 1 else vals
             continue
         sizes = list(plan.arenas)
-        for mem_id in range(1, len(sizes)):
-            while len(arena_max) < mem_id:
-                arena_max.append(0)
-            arena_max[mem_id - 1] = max(arena_max[mem_id - 1], sizes[mem_id])
         consts = [(i, t) for i, t in plan.tensors.items() if t.data_buffer_idx > 0]
-        for i, t in consts:
-            if t.data_buffer_idx not in seen_const:
-                seen_const.add(t.data_buffer_idx)
-                const_count += 1
-                const_bytes += t.nbytes
         targets = _cache_targets(plan)
         for i, t in _mutable_buffers(plan).items():
             a = t.allocation
@@ -182,7 +171,7 @@ def _inspect(pte: PteFile) -> dict:
 
     named = [nd for nd in program.named_data if not nd.key.startswith("lazykv/")]
     named_keys = {nd.key for nd in named}
-    named_bytes = sum(program.segments[nd.segment_index].size for nd in named)
+    named_bytes = program.named_data_bytes()
     all_buffers = list(buffers.values())
     kv = [b for b in all_buffers if b["kv"] or b["lazy"]]
     shared = manifest.shared_constants if manifest else ()

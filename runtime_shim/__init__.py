@@ -40,6 +40,7 @@ from lazykv.runtime_shim.policy import (
 from lazykv.runtime_shim.inputs import InputSpec, MethodInfo
 from lazykv.runtime_shim.prepare import PreparedProgram, prepare
 from lazykv.runtime_shim.program import LazyProgram, load
+from lazykv.runtime_shim.prompt_cache import PromptCache, PromptCacheStats
 from lazykv.runtime_shim.session import Freed, Session, SessionStats
 
 __all__ = [
@@ -52,6 +53,8 @@ __all__ = [
     "Session",
     "SessionStats",
     "Freed",
+    "PromptCache",
+    "PromptCacheStats",
     "DynamicAllocator",
     "TorchAllocator",
     "TrackingAllocator",

@@ -93,7 +93,8 @@ class TorchAllocator(DynamicAllocator):
 
 @dataclasses.dataclass(frozen=True)
 class AllocEvent:
-    """One allocator call: ``kind`` is ``allocate``, ``grow``, ``shrink`` or ``free``."""
+    """One allocator call: ``kind`` is ``allocate``, ``grow``, ``shrink``, ``free`` or
+    ``copy`` (a prefix copied into storage already given out, by a fork)."""
 
     kind: str
     name: str
@@ -159,6 +160,11 @@ class TrackingAllocator(DynamicAllocator):
             self.shrink_events += 1
             self._record("shrink", name, old_b, new_b, copied)
         return t
+
+    def record_copy(self, nbytes: int, *, name: str = "") -> None:
+        """Count ``nbytes`` copied into storage this allocator gave out (a fork's prefix)."""
+        self.bytes_copied += nbytes
+        self._record("copy", name, 0, 0, nbytes)
 
     def free(self, tensor, *, name=""):
         nb = tensor.numel() * tensor.element_size()

@@ -37,6 +37,9 @@ class GenerationResult:
     trace: List[tuple] = dataclasses.field(default_factory=list)
     grow_events: int = 0
     bytes_copied: int = 0
+    #: With a shared prefix: what computing it once and forking cost, and what computing
+    #: it in every session would have (:func:`greedy_generate`).
+    shared_prefix: Optional[dict] = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -61,6 +64,7 @@ class GenerationResult:
             "policy": self.policy,
             "grow_events": self.grow_events,
             "bytes_copied": self.bytes_copied,
+            **({"shared_prefix": self.shared_prefix} if self.shared_prefix is not None else {}),
         }
 
 
@@ -111,15 +115,35 @@ def greedy_generate(
     seed: int = 0,
     method: str = "forward",
     progress: Optional[ProgressFn] = None,
+    shared_prefix: int = 0,
 ) -> GenerationResult:
     """Prefill a seeded random prompt of ``prompt_len`` tokens in each of ``sessions``
-    sessions, then decode ``new_tokens`` greedily, sessions interleaved token by token."""
+    sessions, then decode ``new_tokens`` greedily, sessions interleaved token by token.
+
+    ``shared_prefix`` = P > 0: every prompt starts with the same P tokens, computed once
+    in the first session and forked (:meth:`Session.fork`) into the others, which then
+    compute only their own ``prompt_len - P`` tokens. ``result.shared_prefix`` reports
+    the prefix's prefill time, the forks' time and copied bytes, and what computing the
+    prefix in every session would have cost instead: ``prefill_seconds_unshared_estimate``
+    (K x the prefix's measured prefill), ``seconds_saved``, ``positions_saved`` and
+    ``bytes_saved`` (KV bytes the other sessions got by copy instead of computing them;
+    each session still holds its own copy). Needs a program with lazy KV buffers.
+    """
     if method not in program.method_names:
         raise UnknownMethod(f"{program.source}: no method {method!r}; it has {sorted(program.method_names)}")
     if prompt_len < 1 or new_tokens < 0 or sessions < 1:
         raise InvalidInput(
             f"need prompt_len >= 1, new_tokens >= 0, sessions >= 1; got {prompt_len}, "
             f"{new_tokens}, {sessions}"
+        )
+    if not 0 <= shared_prefix <= prompt_len:
+        raise InvalidInput(
+            f"shared_prefix must be from 0 to prompt_len ({prompt_len}); got {shared_prefix}"
+        )
+    if shared_prefix and not program.lazy:
+        raise InvalidInput(
+            f"{program.source} has no lazy KV buffers: its sessions cannot be forked to share "
+            f"a prefix; drop --shared-prefix or export with --lazy-kv-cache"
         )
     if program.lazy and prompt_len + max(new_tokens - 1, 0) > program.max_positions:
         from lazykv.errors import ContextOverflow
@@ -136,8 +160,13 @@ def greedy_generate(
         tok_i = program.manifest.fill_rule(method).length_input
     chunk = info.inputs[tok_i].sizes[1] if info.inputs[tok_i].dynamic else prompt_len
     gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, vocab, (1, prompt_len), generator=gen) for _ in range(sessions)]
-    ss = [program.session() for _ in range(sessions)]
+    if shared_prefix:
+        head = torch.randint(0, vocab, (1, shared_prefix), generator=gen)
+        prompts = [torch.cat([head, torch.randint(0, vocab, (1, prompt_len - shared_prefix), generator=gen)], 1)
+                   for _ in range(sessions)]
+    else:
+        prompts = [torch.randint(0, vocab, (1, prompt_len), generator=gen) for _ in range(sessions)]
+    ss = [program.session() for _ in range(1 if shared_prefix else sessions)]
     total = sessions * (1 + max(new_tokens - 1, 0))
     done = 0
     trace = []
@@ -147,16 +176,39 @@ def greedy_generate(
 
     peak = kv_after_load = kv()
     trace.append((0, kv_after_load))
+
+    def feed(s, prompt, pos, out=None):
+        while pos < prompt.shape[1]:
+            piece = prompt[:, pos : pos + chunk].contiguous()
+            out = s.run(method, _inputs(program, method, piece, pos))
+            pos += piece.shape[1]
+        return out
+
+    shared = None
     try:
         nxt = []
         t0 = time.perf_counter()
+        head_out = None
+        if shared_prefix:
+            head_out = feed(ss[0], prompts[0][:, :shared_prefix], 0)
+            t_head = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for _ in range(sessions - 1):
+                ss.append(ss[0].fork())
+            t_fork = time.perf_counter() - t1
+            kv_prefix = shared_prefix * program.bytes_per_position
+            shared = {
+                "positions": shared_prefix,
+                "prefill_seconds": t_head,
+                "fork_seconds": t_fork,
+                "bytes_copied": (sessions - 1) * kv_prefix,
+                "prefill_seconds_unshared_estimate": sessions * t_head,
+                "seconds_saved": (sessions - 1) * t_head - t_fork,
+                "positions_saved": (sessions - 1) * shared_prefix,
+                "bytes_saved": (sessions - 1) * kv_prefix,
+            }
         for s, prompt in zip(ss, prompts):
-            pos = 0
-            out = None
-            while pos < prompt_len:
-                piece = prompt[:, pos : pos + chunk].contiguous()
-                out = s.run(method, _inputs(program, method, piece, pos))
-                pos += piece.shape[1]
+            out = feed(s, prompt, shared_prefix, head_out)
             nxt.append(int(out[0].reshape(-1, out[0].shape[-1])[-1].argmax()))
             if sessions == 1:
                 trace.append((prompt_len, kv()))
@@ -200,6 +252,7 @@ def greedy_generate(
             trace=trace,
             grow_events=sum(st.grow_events for st in stats),
             bytes_copied=sum(st.bytes_copied for st in stats),
+            shared_prefix=shared,
         )
     finally:
         for s in ss:

@@ -177,6 +177,30 @@ class LazyProgram:
         out = self._execute(method, [])
         return out[0] if len(out) == 1 else list(out)
 
+    # -- memory estimate (lazykv.estimate) --------------------------------------------
+
+    def footprint(self):
+        """The :class:`lazykv.estimate.Footprint` of this program, read from its file
+        (weights, arenas, runtime, KV bytes per position); computed once."""
+        fp = getattr(self, "_footprint", None)
+        if fp is None:
+            from lazykv.estimate import footprint_of
+
+            src = self.source if os.path.isfile(self.source) else self.runtime_path
+            fp = self._footprint = footprint_of(src)
+        return fp
+
+    def estimate(self, positions: int, sessions: int = 1) -> int:
+        """Resident bytes of this program with ``sessions`` sessions of ``positions``
+        positions: weights, arenas and runtime once, KV per session at this program's
+        policy capacity (and ``max_bytes``). See :mod:`lazykv.estimate`."""
+        return self.footprint().estimate(positions, sessions, self.policy, self.max_bytes)
+
+    def capacity(self, budget: int, positions: int) -> int:
+        """How many sessions of ``positions`` positions fit in ``budget`` bytes with this
+        program loaded (by :meth:`estimate`'s figures)."""
+        return self.footprint().capacity(budget, positions, self.policy, self.max_bytes)
+
     # -- sessions --------------------------------------------------------------------
 
     def session(self):
@@ -188,9 +212,9 @@ class LazyProgram:
 
     def restore(self, path: Union[str, os.PathLike]):
         """A session restored from a file written by :meth:`Session.save`."""
-        from lazykv.runtime_shim.session_file import restore_session
+        from lazykv.runtime_shim.session import Session
 
-        return restore_session(self, path)
+        return Session._restore(self, path)
 
     def __repr__(self) -> str:
         return (

@@ -6,23 +6,34 @@ the growth axis), and passes them to the runtime after the user's inputs on ever
 (:meth:`lazykv.runtime_shim.inputs.MethodInfo.check`, or its precomputed form
 :class:`~lazykv.runtime_shim.inputs.FastCall` for repeated calls): a KV tensor of the
 wrong shape aborts the process in C++, so the shim builds those itself and refuses
-anything odd in the user's inputs before the runtime sees it. Saving and restoring a
-session's state: :mod:`lazykv.runtime_shim.session_file`.
+anything odd in the user's inputs before the runtime sees it. The session file format
+(:meth:`Session.save`, :meth:`LazyProgram.restore`) is in
+:mod:`lazykv.runtime_shim.session_file`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
 from lazykv import _et_compat
-from lazykv.errors import AllocationFailed, LazyKVError, MemoryBudgetExceeded, SessionClosed
+from lazykv.errors import (
+    AllocationFailed,
+    InvalidInput,
+    LazyKVError,
+    MemoryBudgetExceeded,
+    SessionClosed,
+    SessionFileError,
+)
+from lazykv.runtime_shim import session_file
 from lazykv.runtime_shim.allocator import TrackingAllocator
 from lazykv.runtime_shim.inputs import FastCall
 
@@ -43,7 +54,7 @@ class SessionStats:
     ``grow_events`` counts buffer allocations and enlargements (one per buffer: a
     session of 8 buffers growing once adds 8); ``peak_bytes`` includes the transient of
     a grow (old and new storage of one buffer alive together); ``bytes_copied`` is the
-    prefix data moved by grows and shrinks.
+    prefix data moved by grows and shrinks, and copied in by :meth:`Session.fork`.
     """
 
     current_bytes: int
@@ -83,7 +94,9 @@ def _locked(fn):
 class Session:
     """One conversation. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, program) -> None:
+    def __init__(self, program, *, _allocate: bool = True) -> None:
+        # _allocate=False: no initial storage even under ``preallocate`` (a fork or a
+        # prompt-cache entry sizes its storage itself).
         self.program = program
         self._alloc = TrackingAllocator(program.allocator)
         self._kv: Dict[str, Optional[torch.Tensor]] = {b.fqn: None for b in program.buffers}
@@ -102,7 +115,7 @@ class Session:
                     program.source,
                 )
         initial = program.policy.initial(program.max_positions, program.bytes_per_position)
-        if program.lazy and initial:
+        if program.lazy and initial and _allocate:
             self._check_budget(initial, initial)
             self._resize(initial)
 
@@ -372,6 +385,62 @@ class Session:
         if not self.program.lazy:
             self.program._sessions_open -= 1
 
+    # -- fork --------------------------------------------------------------------------
+
+    @_locked
+    def fork(self, positions: Optional[int] = None) -> "Session":
+        """A new session holding a copy of this one's first ``positions`` filled positions
+        (default: all of them), independent of this one from then on.
+
+        Its storage is what the policy holds for ``positions`` (clamped to the exported
+        bound and to ``max_bytes``), from the program's allocator; only the filled prefix
+        is copied (counted in the new session's ``stats.bytes_copied``). Any method of
+        the program can continue it at position ``positions``. Raises
+        :class:`InvalidInput` for ``positions`` outside ``0..offset``,
+        :class:`MemoryBudgetExceeded` past ``max_bytes``, :class:`AllocationFailed` when
+        storage cannot be had, :class:`SessionClosed`, and :class:`LazyKVError` for a
+        program without lazy KV buffers (its state lives inside the runtime). This session
+        is unchanged whatever happens, and a failed fork leaves nothing allocated.
+        """
+        return self._fork(positions, exact=False)
+
+    def _fork(self, positions: Optional[int], *, exact: bool) -> "Session":
+        """:meth:`fork` under the caller's lock; ``exact`` holds exactly ``positions``
+        positions instead of the policy's capacity (a prompt-cache entry)."""
+        self._check_open()
+        prog = self.program
+        if not prog.lazy:
+            raise LazyKVError(
+                f"{prog.source} has no lazy KV buffers: its state lives inside the runtime "
+                f"and cannot be forked; export it with lazykv to fork sessions"
+            )
+        n = self._filled if positions is None else positions
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self._filled:
+            raise InvalidInput(
+                f"fork(positions={positions!r}): positions must be an int from 0 to the "
+                f"{self._filled} this session has filled"
+            )
+        child = Session(prog, _allocate=not exact)
+        try:
+            if n:
+                bound = prog.max_positions
+                target = n if exact else max(min(prog.policy.capacity(n, bound, prog.bytes_per_position), bound), n)
+                target = child._check_budget(n, target)
+                if target != child._capacity:
+                    child._resize(target)
+                for b in prog.buffers:
+                    src = self._kv[b.fqn].narrow(b.growth_axis, 0, n)
+                    child._kv[b.fqn].narrow(b.growth_axis, 0, n).copy_(src)
+                    child._alloc.record_copy(b.bytes_per_position * n, name=b.fqn)
+                child._filled = n
+        except AllocationFailed as e:
+            child.close()
+            raise AllocationFailed(f"fork of {n} positions: {e}") from None
+        except BaseException:
+            child.close()
+            raise
+        return child
+
     def __enter__(self) -> "Session":
         return self
 
@@ -382,7 +451,7 @@ class Session:
         if self._closed:
             raise SessionClosed("this session was closed; open a new one with program.session()")
 
-    # -- save / restore ----------------------------------------------------------------
+    # -- save / restore (the file format: session_file.py) ------------------------------
 
     @_locked
     def save(self, path: Union[str, os.PathLike], metadata: Optional[Dict[str, str]] = None) -> int:
@@ -391,10 +460,65 @@ class Session:
         The file records the program's sha256; :meth:`LazyProgram.restore` refuses it
         for any other program (:mod:`lazykv.runtime_shim.session_file`).
         """
-        from lazykv.runtime_shim.session_file import save_session
-
         self._check_open()
-        return save_session(self, path, metadata)
+        prog = self.program
+        if not prog.lazy:
+            raise LazyKVError(
+                f"{prog.source} has no lazy KV buffers: its state lives inside the runtime "
+                f"and cannot be saved; export it with lazykv to save sessions"
+            )
+        # Views, no copies unless a prefix is not contiguous.
+        prefixes = [
+            memoryview(self._kv[b.fqn].narrow(b.growth_axis, 0, self._filled).contiguous()
+                       .view(torch.uint8).reshape(-1).numpy())
+            for b in prog.buffers
+        ] if self._filled else []
+        return session_file.write_session(path, prog, self._filled, prefixes, metadata)
+
+    @classmethod
+    def _restore(cls, program, path, *, exact: bool = False) -> "Session":
+        """A session read from ``path``; ``exact`` holds exactly its positions instead of
+        the policy's capacity (a prompt-cache entry)."""
+        path = Path(path)
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise SessionFileError(f"{path}: cannot open session file ({e.strerror})") from None
+        with f:
+            header = session_file.read_header(f, path, program)
+            return cls._restore_from(program, path, f, header, exact)
+
+    @classmethod
+    def _restore_from(cls, program, path, f, header, exact: bool) -> "Session":
+        filled = header.filled
+        digest = hashlib.sha256()
+        s = cls(program, _allocate=not exact)
+        try:
+            if filled:
+                bound = program.max_positions
+                target = filled if exact else program.policy.capacity(filled, bound, program.bytes_per_position)
+                s._resize(s._check_budget(filled, max(min(target, bound), filled)))
+                for b in program.buffers:
+                    e = header.buffers[b.fqn]
+                    dst = s._kv[b.fqn].narrow(b.growth_axis, 0, filled)
+                    tmp = dst if dst.is_contiguous() else torch.empty(dst.shape, dtype=dst.dtype)
+                    f.seek(header.payload_at + int(e["offset"]))
+                    buf = tmp.view(torch.uint8).reshape(-1).numpy()
+                    if f.readinto(memoryview(buf)) != e["nbytes"]:
+                        raise SessionFileError(f"{path}: truncated session file")
+                    digest.update(memoryview(buf))
+                    if tmp is not dst:
+                        dst.copy_(tmp)
+            if header.payload_sha256 is not None and digest.hexdigest() != header.payload_sha256:
+                raise SessionFileError(
+                    f"{path}: session data is corrupt (its sha256 does not match the one "
+                    f"recorded when it was saved)"
+                )
+            s._filled = filled
+        except BaseException:
+            s.close()
+            raise
+        return s
 
     def __repr__(self) -> str:
         st = "closed" if self._closed else f"{self._filled}/{self.capacity} positions, {self.kv_bytes} bytes"

@@ -22,7 +22,7 @@ LAYERS = {
     "lazykv.errors": 0,
     "lazykv": 1,  # the package itself: __version__ only
     "lazykv.format": 1, "lazykv.manifest": 1, "lazykv._et_compat": 1,
-    "lazykv.verify": 2,
+    "lazykv.verify": 2, "lazykv.estimate": 2,
     "lazykv.passes": 3, "lazykv.runtime_shim": 3, "lazykv.models": 3, "lazykv.examples": 3,
     "lazykv.inspect": 4, "lazykv.check": 4, "lazykv.export": 4,
     "lazykv.cli": 5,

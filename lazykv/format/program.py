@@ -205,6 +205,40 @@ class Program:
                 return p
         raise KeyError(name)
 
+    # -- what it costs at load (``lazykv inspect``, :mod:`lazykv.estimate`) ----------------
+
+    def arena_bytes(self) -> List[int]:
+        """Bytes of each planned arena (memory id 1, 2, ...) the runtime allocates at
+        load: per arena the maximum over the methods (``executorch.runtime`` sizes each
+        arena to the max across methods and shares it); constant methods plan none."""
+        out: List[int] = []
+        for plan in self.plans:
+            if plan.is_constant_method:
+                continue
+            for mem_id, size in enumerate(plan.arenas[1:]):
+                if mem_id == len(out):
+                    out.append(0)
+                out[mem_id] = max(out[mem_id], size)
+        return out
+
+    def constant_tensor_bytes(self) -> Tuple[int, int]:
+        """``(count, bytes)`` of the distinct constant tensors (by data buffer) the
+        methods use, at their recorded shapes."""
+        seen: Dict[int, int] = {}
+        for plan in self.plans:
+            if plan.is_constant_method:
+                continue
+            for t in plan.tensors.values():
+                if t.data_buffer_idx > 0 and t.data_buffer_idx not in seen:
+                    seen[t.data_buffer_idx] = t.nbytes
+        return len(seen), sum(seen.values())
+
+    def named_data_bytes(self, skip_prefix: str = "lazykv/") -> int:
+        """Bytes of the named-data blobs (delegate weights), lazykv's own (the manifest)
+        left out."""
+        return sum(self.segments[nd.segment_index].size for nd in self.named_data
+                   if not nd.key.startswith(skip_prefix))
+
 
 def _required(x, what: str):
     if x is None:
