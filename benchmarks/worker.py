@@ -11,6 +11,9 @@ RSS figures come from ``/proc/self/status``; "peak during" a step is ``VmHWM`` a
 step, with the high-water mark reset (``clear_refs`` 5) just before it. Both ways import
 the same modules (:func:`preload`) before any measurement, so import costs never land in
 one.
+
+About 770 lines in one module on purpose: one function per task, each the subprocess side
+of a case in :mod:`benchmarks.cases`, sharing the RSS helpers and the fork server.
 """
 
 from __future__ import annotations
