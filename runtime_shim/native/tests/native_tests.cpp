@@ -5,7 +5,8 @@
 //   lazykv_native_tests model LAZY.pte STATIC.pte lazy vs static, every policy
 //   lazykv_native_tests save LAZY.pte FILE N      prefill N tokens 1..N, save, print next logits
 //   lazykv_native_tests restore LAZY.pte FILE T   restore, run token T at its position, print logits
-//   lazykv_native_tests policy SPEC NEEDED BOUND BPP   print capacity (compared with policy.py)
+//   lazykv_native_tests policy                    lines "SPEC NEEDED BOUND BPP" on stdin -> capacities
+//                                                 (compared with policy.py)
 //
 // Each check prints "ok NAME" or "FAIL NAME: why"; the exit code is the failure count.
 #include <cmath>
@@ -285,13 +286,20 @@ int main(int argc, char** argv) {
   if (mode == "model" && argc == 4) return model(argv[2], argv[3]);
   if (mode == "save" && argc == 5) return save(argv[2], argv[3], std::atoi(argv[4]));
   if (mode == "restore" && argc == 5) return restore(argv[2], argv[3], std::atoll(argv[4]));
-  if (mode == "policy" && argc == 6) {
-    auto p = lazykv::Policy::parse(argv[2]);
-    if (!p.ok()) return std::printf("error %s\n", p.status().to_string().c_str()), 1;
-    std::printf("%lld\n", (long long)p->capacity(std::atoll(argv[3]), std::atoll(argv[4]), std::atoll(argv[5])));
+  if (mode == "policy") {
+    char spec[256];
+    long long needed, bound, bpp;
+    while (std::scanf("%255s %lld %lld %lld", spec, &needed, &bound, &bpp) == 4) {
+      auto p = lazykv::Policy::parse(spec);
+      if (!p.ok()) {
+        std::printf("error %s\n", lazykv::error_kind_name(p.status().kind()));
+      } else {
+        std::printf("%lld %s\n", (long long)p->capacity(needed, bound, bpp), p->spec().c_str());
+      }
+    }
     return 0;
   }
   std::fprintf(stderr, "usage: lazykv_native_tests unit | model LAZY STATIC | save LAZY FILE N | restore LAZY FILE TOKEN"
-                       " | policy SPEC NEEDED BOUND BPP\n");
+                       " | policy < lines\n");
   return 2;
 }
