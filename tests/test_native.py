@@ -29,6 +29,19 @@ def _run(argv, **kw):
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600, **kw)
 
 
+def python_blas_env() -> dict:
+    """The environment that makes a host C++ process compute like Python's ExecuTorch.
+
+    ExecuTorch's optimized kernels (libexecutorch_kernels_optimized.so) export their own
+    BLAS (sgemm_, sgemv_, ...); in a Python process libtorch_cpu.so, loaded first,
+    exports the same names and the dynamic linker binds ExecuTorch's calls to torch's
+    BLAS. The two round differently (7e-7 on the tiny Llama's logits). Preloading
+    libtorch_cpu.so gives the C++ process Python's binding: then both agree bit for bit.
+    """
+    torch_lib = Path(torch.__file__).resolve().parent / "lib" / "libtorch_cpu.so"
+    return {**os.environ, "LD_PRELOAD": str(torch_lib)}
+
+
 def _failures(out: str):
     return [line for line in out.splitlines() if line.startswith("FAIL")]
 
@@ -111,7 +124,7 @@ def test_lazykv_run_prints_python_generate_tokens(built, llama_tiny_lazy, tmp_pa
 
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]
     done = _run([RUNNER, llama_tiny_lazy[1].path, "--prompt-tokens", ",".join(map(str, prompt)),
-                 "--new-tokens", "24", "--policy", "step:8", "--json", "--quiet"])
+                 "--new-tokens", "24", "--policy", "step:8", "--json", "--quiet"], env=python_blas_env())
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)
     py = greedy_generate(load(llama_tiny_lazy[1].path, policy="step:8"), 0, 24, prompt_tokens=prompt)
@@ -148,14 +161,14 @@ def _logits(out: str):
 
 def test_session_files_cross_languages(built, llama_tiny_lazy, tmp_path):
     """A session saved by C++ restores in Python with identical next-step logits, and
-    the reverse."""
+    the reverse (the C++ side binds Python's BLAS: :func:`python_blas_env`)."""
     from lazykv.runtime_shim import load
 
     pte = str(llama_tiny_lazy[1].path)
     prog = load(pte)
     # C++ -> Python.
     cpp_file = tmp_path / "cpp.kv"
-    saved = _run([built, "save", pte, cpp_file, 12])
+    saved = _run([built, "save", pte, cpp_file, 12], env=python_blas_env())
     assert saved.returncode == 0, saved.stdout + saved.stderr
     cpp_next = _logits(saved.stdout)
     with prog.restore(cpp_file) as s:
@@ -168,13 +181,13 @@ def test_session_files_cross_languages(built, llama_tiny_lazy, tmp_path):
         s.run("forward", [torch.arange(1, 13).reshape(1, 12), torch.tensor([0])])
         s.save(py_file)
         want = s.run("forward", [torch.tensor([[7]]), torch.tensor([12])])[0].reshape(-1)
-    restored = _run([built, "restore", pte, py_file, 7])
+    restored = _run([built, "restore", pte, py_file, 7], env=python_blas_env())
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert torch.equal(_logits(restored.stdout), want)
     # A file for another program is refused by C++ too.
     other = tmp_path / "other.pte"
     other.write_bytes(Path(pte).read_bytes() + b"\0")
-    refused = _run([built, "restore", other, py_file, 7])
+    refused = _run([built, "restore", other, py_file, 7], env=python_blas_env())
     assert refused.returncode == 1 and "different program" in refused.stdout
 
 
