@@ -61,6 +61,8 @@ class Ctx:
             "multimethod": self.multimethod_arts(),
             "sessions": [self.s110(2048, True), self.tiny(4096, True)],
             "export": self.export_arts(),
+            "native": [self.tiny(4096, False), self.tiny(4096, True), self.s110(2048, False),
+                       self.s110(2048, True), self.s110(32768, True)],
         }[case]
 
 
@@ -670,6 +672,97 @@ def _plot_export(rec) -> None:
     _save(fig, "export.png")
 
 
+# ================================================================================ native
+
+
+def _bench(*argv, timeout: float = 1800) -> dict:
+    """One run of the C++ ``lazykv_bench`` (built at install) in a process of its own."""
+    import json
+    import subprocess
+
+    from lazykv.runtime_shim.native.build import CMAKE_PROJECT
+
+    exe = CMAKE_PROJECT / "lazykv_bench"
+    if not exe.is_file():
+        raise RuntimeError(f"{exe} was not built; run `make venv`")
+    done = subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"lazykv_bench {' '.join(map(str, argv))} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def case_native(ctx: Ctx) -> List[Result]:
+    """The C++ runtime (lazykv's library, no Python) against ExecuTorch's own C++
+    ``Module`` on the static program: loads of stories110m, each in a process of its own,
+    variants interleaved round-robin (median of ``reps``, 3 when quick); decode as the
+    decode case does it (alternating blocks of greedy generation in one process, ratio
+    per block, median over the blocks of several processes)."""
+    import os
+
+    C = "native"
+    rows: List[Result] = []
+    st, lz, lz32 = ctx.s110(2048, False), ctx.s110(2048, True), ctx.s110(32768, True)
+    load1 = os.getloadavg()[0]
+    if st.exists and lz.exists:
+        reps = 1 if ctx.quick else 5
+        variants = [("stock static 2048", st, "stock"), ("lazykv lazy 2048", lz, "lazykv")]
+        if lz32.exists:
+            variants.append(("lazykv lazy 32768", lz32, "lazykv"))
+        got: Dict[str, List[dict]] = {name: [] for name, _, _ in variants}
+        for _ in range(reps):
+            for name, art, how in variants:
+                got[name].append(_bench("load", art.path, how))
+        med = {n: {k: MED(r[k] for r in v) for k in v[0]} for n, v in got.items()}
+        s, l = med["stock static 2048"], med["lazykv lazy 2048"]
+        for n, m in med.items():
+            rows.append(row(C, f"stories110m load, {n} (C++): seconds / RSS growth / peak growth",
+                            round(m["load_seconds"], 3), "s",
+                            note=f"RSS +{_mib(m['rss_growth_bytes']):.0f} MiB, peak +{_mib(m['peak_growth_bytes']):.0f} "
+                                 f"MiB, KV {m['kv_bytes']:,} B, rebound region {m['region_bytes']:,} B; median of {reps}"))
+        rows += [
+            row(C, "stories110m 2048 load time, lazykv (C++) / ExecuTorch Module", l["load_seconds"] / s["load_seconds"], "x",
+                "<=", 1.2, note=f"1-min load average {load1:.1f} at the start"),
+            row(C, "stories110m 2048 RSS growth after load, lazykv (C++) / Module",
+                l["rss_growth_bytes"] / s["rss_growth_bytes"], "x", "<", 1),
+            row(C, "stories110m 2048 peak RSS during load, lazykv (C++) / Module",
+                l["peak_growth_bytes"] / s["peak_growth_bytes"], "x", "<", 1),
+        ]
+        if lz32.exists:
+            rows.append(row(C, "RSS growth, lazy 32768 (lazykv C++) / static 2048 (ExecuTorch Module)",
+                            med["lazykv lazy 32768"]["rss_growth_bytes"] / s["rss_growth_bytes"], "x", "<", 1))
+        else:
+            rows += _missing(C, [lz32])
+    else:
+        rows += _missing(C, [st, lz])
+    for model, sa, la, procs, blocks, steps, n in (
+        ("tiny", ctx.tiny(4096, False), ctx.tiny(4096, True), 3, 41, 32, 4096),
+        (S110, st, lz, 2, 13, 8, 2048),
+    ):
+        if ctx.quick:
+            procs, blocks = 1, 5
+        if not (sa.exists and la.exists):
+            rows += _missing(C, [sa, la])
+            continue
+        log(f"native: {model} decode ({procs} processes x {blocks} alternating blocks of {steps} steps)")
+        load_start = os.getloadavg()[0]
+        outs = [_bench("decode", sa.path, la.path, "64,2048", blocks, steps, n) for _ in range(procs)]
+        diff = max(o[c]["max_abs_diff"] for o in outs for c in o)
+        for c in outs[0]:
+            b = [x for o in outs for x in o[c]["blocks"]]
+            per_proc = ", ".join(f"{MED(x['ratio'] for x in o[c]['blocks']):.3f}" for o in outs)
+            rows += [
+                row(C, f"{model} context {c}: decode tok/s, ExecuTorch Module + static (C++)",
+                    MED(x["static_tps"] for x in b), "tok/s"),
+                row(C, f"{model} context {c}: decode tok/s, lazykv + lazy (C++)", MED(x["lazy_tps"] for x in b), "tok/s"),
+                row(C, f"{model} context {c}: decode speed lazykv C++ / Module C++", MED(x["ratio"] for x in b), "x",
+                    ">=", 0.98,
+                    note=f"median of {len(b)} alternating blocks from {len(outs)} processes (each: {per_proc}); "
+                         f"1-min load average {load_start:.1f} at the start"),
+            ]
+        rows.append(row(C, f"{model}: logits max |lazykv C++ - Module C++| over all calls", diff, "", "==", 0.0))
+    return rows
+
+
 CASES = {
     "load": case_load,
     "decode": case_decode,
@@ -678,4 +771,5 @@ CASES = {
     "multimethod": case_multimethod,
     "sessions": case_sessions,
     "export": case_export,
+    "native": case_native,
 }

@@ -214,8 +214,9 @@ def compile_helper(
 #: The CMake project of the native runtime (library, lazykv_run, tests, C ABI).
 CMAKE_PROJECT = Path(__file__).resolve().parent
 #: What the runtime build puts next to the helper: the C ABI library Python loads, the
-#: runner behind the ``lazykv_run`` command, and the C++ test executable.
-RUNTIME_ARTIFACTS = ("liblazykv_native.so", "lazykv_run", "lazykv_native_tests")
+#: runner behind the ``lazykv_run`` command, the C++ test executable and the C++ side of
+#: ``python -m benchmarks native``.
+RUNTIME_ARTIFACTS = ("liblazykv_native.so", "lazykv_run", "lazykv_native_tests", "lazykv_bench")
 
 
 def find_cmake() -> list[str]:
