@@ -5,10 +5,17 @@
 //   lazykv_native_tests model LAZY.pte STATIC.pte lazy vs static, every policy
 //   lazykv_native_tests save LAZY.pte FILE N      prefill N tokens 1..N, save, print next logits
 //   lazykv_native_tests restore LAZY.pte FILE T   restore, run token T at its position, print logits
+//   lazykv_native_tests fuzz-worker VOCAB         one .pte path per stdin line -> one result line
+//                                                 (tests/fuzz_native.py drives it)
 //   lazykv_native_tests policy                    lines "SPEC NEEDED BOUND BPP" on stdin -> capacities
 //                                                 (compared with policy.py)
 //
 // Each check prints "ok NAME" or "FAIL NAME: why"; the exit code is the failure count.
+#include <dlfcn.h>
+#include <execinfo.h>
+#include <signal.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -276,6 +283,120 @@ int restore(const std::string& lazy_pte, const std::string& file, int64_t token)
   return 0;
 }
 
+// -- fuzz worker ---------------------------------------------------------------------------
+
+// Which object a crash happened in: the first frame outside libc, libstdc++ and this
+// handler, named by dladdr. This executable holds lazykv's code (liblazykv.a).
+void on_crash(int sig) {
+  void* frames[64];
+  const int n = backtrace(frames, 64);
+  const char* where = "unknown";
+  const char* symbol = "?";
+  for (int i = 0; i < n; ++i) {
+    Dl_info info;
+    if (dladdr(frames[i], &info) == 0 || info.dli_fname == nullptr) continue;
+    const char* f = info.dli_fname;
+    if (std::strstr(f, "libc.so") || std::strstr(f, "libstdc++") || std::strstr(f, "libgcc") ||
+        std::strstr(f, "linux-vdso")) {
+      continue;
+    }
+    if (info.dli_sname != nullptr && std::strstr(info.dli_sname, "on_crash")) continue;
+    where = f;
+    symbol = info.dli_sname ? info.dli_sname : "?";
+    break;
+  }
+  char line[1024];
+  const int len = std::snprintf(line, sizeof(line), "crash signal=%d object=%s symbol=%.300s\n", sig, where, symbol);
+  if (len > 0) (void)!write(1, line, static_cast<size_t>(len));
+  _exit(128 + sig);
+}
+
+void result(const std::string& text) {
+  std::string line = text;
+  for (char& c : line) {
+    if (c == '\n') c = ' ';
+  }
+  std::printf("%s\n", line.substr(0, 300).c_str());
+  std::fflush(stdout);
+}
+
+void fuzz_one(const std::string& path, int64_t vocab) {
+  auto prog = lazykv::Program::load(path);
+  if (!prog.ok()) return result(std::string("refused ") + lazykv::error_kind_name(prog.status().kind()) + ": " +
+                                prog.status().message());
+  int ran = 0;
+  for (const std::string& name : prog.get()->method_names()) {
+    auto info = prog.get()->method_info(name);
+    if (!info.ok() || info.get()->inputs.empty()) continue;
+    const lazykv::MethodInfo& mi = *info.get();
+    auto s = prog.get()->session();
+    if (!s.ok()) return result(std::string("refused-at-run ") + lazykv::error_kind_name(s.status().kind()));
+    // (tokens [1, 3], position [1]) for a decoder, else zeros of each input's shape.
+    std::vector<executorch::extension::TensorPtr> keep;
+    std::vector<EValue> inputs;
+    const bool decoder = mi.inputs.size() == 2 && mi.inputs[0].kind == lazykv::InputSpec::Kind::Tensor &&
+                         mi.inputs[1].kind == lazykv::InputSpec::Kind::Tensor;
+    for (size_t i = 0; i < mi.inputs.size(); ++i) {
+      const lazykv::InputSpec& spec = mi.inputs[i];
+      if (spec.kind != lazykv::InputSpec::Kind::Tensor) {
+        inputs.emplace_back(static_cast<int64_t>(0));
+        continue;
+      }
+      std::vector<int> sizes;
+      int64_t numel = 1;
+      for (int64_t d : spec.sizes) {
+        const int64_t v = decoder && i == 0 && spec.sizes.size() == 2 && sizes.size() == 1 ? std::min<int64_t>(d, 3) : d;
+        sizes.push_back(static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(v, 1 << 20))));
+        numel *= sizes.back();
+      }
+      if (numel > (1 << 22)) return result("skipped: an input of " + std::to_string(numel) + " elements");
+      const int st = spec.scalar_type;
+      const size_t elem = st == 4 || st == 7 ? 8 : st == 3 || st == 6 ? 4 : st == 2 || st == 5 || st == 15 ? 2 : 1;
+      std::vector<uint8_t> zeros(static_cast<size_t>(numel) * elem, 0);
+      if (decoder && i == 0 && st == 4) {  // token ids 1, 2, 3 ... below the vocabulary
+        for (int64_t k = 0; k < numel; ++k) {
+          const int64_t t = (k + 1) % std::max<int64_t>(vocab, 1);
+          std::memcpy(zeros.data() + 8 * k, &t, 8);
+        }
+      }
+      keep.push_back(executorch::extension::make_tensor_ptr(sizes, std::move(zeros),
+                                                            std::vector<uint8_t>{}, std::vector<int>{},
+                                                            static_cast<ScalarType>(st)));
+      inputs.emplace_back(*keep.back());
+    }
+    auto out = s.get()->run(name, inputs);
+    if (!out.ok()) return result(std::string("refused-at-run ") + lazykv::error_kind_name(out.status().kind()) + ": " +
+                                 out.status().message());
+    ++ran;
+    if (decoder && mi.uses_lazy()) {
+      auto t = make_tensor_ptr({1, 1}, std::vector<int64_t>{1});
+      auto p = make_tensor_ptr({1}, std::vector<int64_t>{s.get()->offset()});
+      auto more = s.get()->run(name, {EValue(*t), EValue(*p)});
+      if (!more.ok()) return result(std::string("refused-at-run ") + lazykv::error_kind_name(more.status().kind()));
+    }
+  }
+  result("ok ran=" + std::to_string(ran));
+}
+
+int fuzz_worker(int64_t vocab) {
+  for (int sig : {SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL}) {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_crash;
+    sigaction(sig, &sa, nullptr);
+  }
+  std::printf("ready\n");
+  std::fflush(stdout);
+  char line[4096];
+  while (std::fgets(line, sizeof(line), stdin) != nullptr) {
+    std::string path(line);
+    while (!path.empty() && (path.back() == '\n' || path.back() == '\r')) path.pop_back();
+    if (path.empty()) continue;
+    fuzz_one(path, vocab);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -284,6 +405,7 @@ int main(int argc, char** argv) {
   const std::string ops = lazykv::host::load_custom_ops();
   if (!ops.empty()) std::fprintf(stderr, "custom ops not loaded: %s\n", ops.c_str());
   if (mode == "model" && argc == 4) return model(argv[2], argv[3]);
+  if (mode == "fuzz-worker" && argc == 3) return fuzz_worker(std::atoll(argv[2]));
   if (mode == "save" && argc == 5) return save(argv[2], argv[3], std::atoi(argv[4]));
   if (mode == "restore" && argc == 5) return restore(argv[2], argv[3], std::atoll(argv[4]));
   if (mode == "policy") {
