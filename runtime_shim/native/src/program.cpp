@@ -141,6 +141,164 @@ std::once_flag g_runtime_once;
 
 }  // namespace
 
+namespace detail {
+
+Status open_rebound(const std::string& path, ProgramState& st) {
+  st.source = path;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return invalid(path + ": cannot open (" + std::strerror(errno) + ")");
+  }
+  struct FdGuard {
+    int fd;
+    bool keep = false;
+    ~FdGuard() {
+      if (!keep) ::close(fd);
+    }
+  } guard{fd};
+  struct stat sb;
+  if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+    return invalid(path + ": not a regular file, expected a .pte");
+  }
+  st.file_size = static_cast<uint64_t>(sb.st_size);
+  if (st.file_size < 16) {
+    return invalid(path + ": " + std::to_string(st.file_size) + " bytes is too short to be a .pte (truncated file?)");
+  }
+  uint8_t head[64] = {0};
+  const size_t head_n = st.file_size < 64 ? static_cast<size_t>(st.file_size) : 64;
+  if (::pread(fd, head, head_n, 0) != static_cast<ssize_t>(head_n)) {
+    return invalid(path + ": cannot read its header");
+  }
+  if (head[4] != 'E' || head[5] != 'T' || head[6] < '0' || head[6] > '9' || head[7] < '0' || head[7] > '9') {
+    return invalid(path + ": not an ExecuTorch program (file identifier is not 'ETnn'); export it with "
+                   "`lazykv export` or ExecuTorch's to_executorch()");
+  }
+  const fb::ExtendedHeader eh = fb::read_extended_header(head, head_n);
+  uint64_t program_size = st.file_size;
+  if (eh.present) {
+    if (eh.program_size < 16 || eh.program_size > st.file_size) {
+      return invalid(path + ": header says the program is " + std::to_string(eh.program_size) +
+                     " bytes but the file has " + std::to_string(st.file_size) + " (truncated or corrupt .pte)");
+    }
+    if (eh.segment_base_offset != 0 &&
+        (eh.segment_base_offset < eh.program_size || eh.segment_base_offset > st.file_size)) {
+      return invalid(path + ": segment base offset " + std::to_string(eh.segment_base_offset) +
+                     " is outside the file (truncated or corrupt .pte)");
+    }
+    if (eh.segment_base_offset != 0 && eh.segment_data_size != 0 &&
+        eh.segment_data_size > st.file_size - eh.segment_base_offset) {
+      return invalid(path + ": segments need " + std::to_string(eh.segment_base_offset + eh.segment_data_size) +
+                     " bytes but the file has " + std::to_string(st.file_size) + " (truncated .pte)");
+    }
+    program_size = eh.program_size;
+  }
+  if (program_size > (uint64_t(1) << 31)) {
+    return invalid(path + ": a program flatbuffer of " + std::to_string(program_size) + " bytes is not plausible");
+  }
+  std::vector<uint8_t> region(static_cast<size_t>(program_size));
+  size_t got = 0;
+  while (got < region.size()) {
+    const ssize_t n = ::pread(fd, region.data() + got, region.size() - got, static_cast<off_t>(got));
+    if (n <= 0) return invalid(path + ": cannot read the program flatbuffer");
+    got += static_cast<size_t>(n);
+  }
+  fb::ProgramModel model;
+  try {
+    model = fb::parse_program(region.data(), region.size());
+  } catch (const fb::Corrupt& e) {
+    return invalid(path + ": the program flatbuffer is corrupt (" + e.what() + ")");
+  }
+  const uint64_t base = eh.present ? eh.segment_base_offset : 0;
+  for (size_t i = 0; i < model.segments.size(); ++i) {
+    const fb::Segment& s = model.segments[i];
+    if (base == 0 || s.offset > st.file_size || s.size > st.file_size || base + s.offset + s.size > st.file_size) {
+      return invalid(path + ": segment " + std::to_string(i) + " lies past the end of the file (truncated or "
+                     "corrupt .pte)");
+    }
+  }
+  // The manifest, if any.
+  bool have_manifest = false;
+  for (const auto& nd : model.named_data) {
+    if (nd.first != kManifestKey) continue;
+    if (nd.second >= model.segments.size()) {
+      return invalid(path + ": named data 'lazykv/manifest' points at segment " + std::to_string(nd.second) +
+                     " of " + std::to_string(model.segments.size()));
+    }
+    const fb::Segment& s = model.segments[nd.second];
+    if (s.size > (16u << 20)) {
+      return Status(ErrorKind::ManifestError, path + ": the lazykv manifest is " + std::to_string(s.size) +
+                                                  " bytes; a manifest is a few KB (corrupt .pte)");
+    }
+    std::string bytes(static_cast<size_t>(s.size), '\0');
+    if (s.size && ::pread(fd, &bytes[0], bytes.size(), static_cast<off_t>(base + s.offset)) !=
+                      static_cast<ssize_t>(bytes.size())) {
+      return invalid(path + ": the lazykv manifest lies past the end of the file (truncated .pte)");
+    }
+    auto m = parse_manifest(bytes, path);
+    if (!m.ok()) return m.status();
+    st.manifest = std::move(m.get());
+    have_manifest = true;
+    break;
+  }
+  st.lazy = have_manifest && !st.manifest.buffers.empty();
+  for (const fb::PlanModel& plan : model.plans) {
+    st.method_names.push_back(plan.name);
+    MethodInfo info = describe_method(plan);
+    st.infos[plan.name] = std::move(info);
+  }
+  std::vector<uint8_t> patched;
+  uint64_t old_base = 0, new_base = 0;
+  if (st.lazy) {
+    auto rb = rebind(region.data(), region.size(), eh, st.file_size, model, st.manifest, path);
+    if (!rb.ok()) return rb.status();
+    for (auto& kv : rb->appended) st.infos[kv.first].lazy_fqns = kv.second;
+    patched = std::move(rb->region);
+    old_base = eh.segment_base_offset;
+    new_base = rb->segment_base;
+    int64_t mp = -1;
+    for (const LazyBuffer& b : st.manifest.buffers) {
+      st.bytes_per_position += b.bytes_per_position();
+      mp = mp < 0 ? b.max_positions() : std::min(mp, b.max_positions());
+    }
+    st.max_positions = mp < 0 ? 0 : mp;
+    for (auto& kv : st.infos) {
+      MethodInfo& info = kv.second;
+      if (!info.uses_lazy()) continue;
+      const FillRule* rule = st.manifest.fill_rule(info.name);
+      const size_t n = info.inputs.size();
+      if (rule == nullptr || static_cast<size_t>(rule->position_input) >= n ||
+          static_cast<size_t>(rule->length_input) >= n ||
+          info.inputs[static_cast<size_t>(rule->position_input)].kind != InputSpec::Kind::Tensor ||
+          info.inputs[static_cast<size_t>(rule->length_input)].kind != InputSpec::Kind::Tensor ||
+          static_cast<size_t>(rule->length_axis) >= info.inputs[static_cast<size_t>(rule->length_input)].sizes.size()) {
+        return Status(ErrorKind::ManifestError, path + ": the fill rule of '" + info.name +
+                                                    "' names inputs the method does not have; re-export with lazykv");
+      }
+      int64_t bound = -1;
+      for (const std::string& fqn : info.lazy_fqns) {
+        const int64_t p = st.manifest.buffer(fqn)->max_positions();
+        bound = bound < 0 ? p : std::min(bound, p);
+      }
+      st.method_bounds[info.name] = bound;
+      info.position_input = rule->position_input;
+      info.position_index = rule->position_index;
+      info.length_input = rule->length_input;
+      info.length_axis = rule->length_axis;
+    }
+  }
+  for (auto& kv : st.infos) {
+    MethodInfo& info = kv.second;
+    for (auto& t : info.token_inputs) {
+      if (info.inputs[static_cast<size_t>(t.first)].kind != InputSpec::Kind::Tensor) t.second = -1;
+    }
+  }
+  st.loader.reset(new RebindingLoader(fd, st.file_size, std::move(patched), old_base, new_base));
+  guard.keep = true;
+  return Status();
+}
+
+}  // namespace detail
+
 Program::Program() : state_(new detail::ProgramState()) {}
 Program::~Program() = default;
 
@@ -154,155 +312,8 @@ Result<std::shared_ptr<Program>> Program::load(const std::string& path, const Lo
     if (options.max_bytes < -1) {
       return Status(ErrorKind::InvalidInput, "max_bytes must be >= 0 bytes, got " + std::to_string(options.max_bytes));
     }
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      return invalid(path + ": cannot open (" + std::strerror(errno) + ")");
-    }
-    struct FdGuard {
-      int fd;
-      bool keep = false;
-      ~FdGuard() {
-        if (!keep) ::close(fd);
-      }
-    } guard{fd};
-    struct stat sb;
-    if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-      return invalid(path + ": not a regular file, expected a .pte");
-    }
-    st.file_size = static_cast<uint64_t>(sb.st_size);
-    if (st.file_size < 16) {
-      return invalid(path + ": " + std::to_string(st.file_size) + " bytes is too short to be a .pte (truncated file?)");
-    }
-    uint8_t head[64] = {0};
-    const size_t head_n = st.file_size < 64 ? static_cast<size_t>(st.file_size) : 64;
-    if (::pread(fd, head, head_n, 0) != static_cast<ssize_t>(head_n)) {
-      return invalid(path + ": cannot read its header");
-    }
-    if (head[4] != 'E' || head[5] != 'T' || head[6] < '0' || head[6] > '9' || head[7] < '0' || head[7] > '9') {
-      return invalid(path + ": not an ExecuTorch program (file identifier is not 'ETnn'); export it with "
-                     "`lazykv export` or ExecuTorch's to_executorch()");
-    }
-    const fb::ExtendedHeader eh = fb::read_extended_header(head, head_n);
-    uint64_t program_size = st.file_size;
-    if (eh.present) {
-      if (eh.program_size < 16 || eh.program_size > st.file_size) {
-        return invalid(path + ": header says the program is " + std::to_string(eh.program_size) +
-                       " bytes but the file has " + std::to_string(st.file_size) + " (truncated or corrupt .pte)");
-      }
-      if (eh.segment_base_offset != 0 &&
-          (eh.segment_base_offset < eh.program_size || eh.segment_base_offset > st.file_size)) {
-        return invalid(path + ": segment base offset " + std::to_string(eh.segment_base_offset) +
-                       " is outside the file (truncated or corrupt .pte)");
-      }
-      if (eh.segment_base_offset != 0 && eh.segment_data_size != 0 &&
-          eh.segment_data_size > st.file_size - eh.segment_base_offset) {
-        return invalid(path + ": segments need " + std::to_string(eh.segment_base_offset + eh.segment_data_size) +
-                       " bytes but the file has " + std::to_string(st.file_size) + " (truncated .pte)");
-      }
-      program_size = eh.program_size;
-    }
-    if (program_size > (uint64_t(1) << 31)) {
-      return invalid(path + ": a program flatbuffer of " + std::to_string(program_size) + " bytes is not plausible");
-    }
-    std::vector<uint8_t> region(static_cast<size_t>(program_size));
-    size_t got = 0;
-    while (got < region.size()) {
-      const ssize_t n = ::pread(fd, region.data() + got, region.size() - got, static_cast<off_t>(got));
-      if (n <= 0) return invalid(path + ": cannot read the program flatbuffer");
-      got += static_cast<size_t>(n);
-    }
-    fb::ProgramModel model;
-    try {
-      model = fb::parse_program(region.data(), region.size());
-    } catch (const fb::Corrupt& e) {
-      return invalid(path + ": the program flatbuffer is corrupt (" + e.what() + ")");
-    }
-    const uint64_t base = eh.present ? eh.segment_base_offset : 0;
-    for (size_t i = 0; i < model.segments.size(); ++i) {
-      const fb::Segment& s = model.segments[i];
-      if (base == 0 || s.offset > st.file_size || s.size > st.file_size || base + s.offset + s.size > st.file_size) {
-        return invalid(path + ": segment " + std::to_string(i) + " lies past the end of the file (truncated or "
-                       "corrupt .pte)");
-      }
-    }
-    // The manifest, if any.
-    bool have_manifest = false;
-    for (const auto& nd : model.named_data) {
-      if (nd.first != kManifestKey) continue;
-      if (nd.second >= model.segments.size()) {
-        return invalid(path + ": named data 'lazykv/manifest' points at segment " + std::to_string(nd.second) +
-                       " of " + std::to_string(model.segments.size()));
-      }
-      const fb::Segment& s = model.segments[nd.second];
-      if (s.size > (16u << 20)) {
-        return Status(ErrorKind::ManifestError, path + ": the lazykv manifest is " + std::to_string(s.size) +
-                                                    " bytes; a manifest is a few KB (corrupt .pte)");
-      }
-      std::string bytes(static_cast<size_t>(s.size), '\0');
-      if (s.size && ::pread(fd, &bytes[0], bytes.size(), static_cast<off_t>(base + s.offset)) !=
-                        static_cast<ssize_t>(bytes.size())) {
-        return invalid(path + ": the lazykv manifest lies past the end of the file (truncated .pte)");
-      }
-      auto m = parse_manifest(bytes, path);
-      if (!m.ok()) return m.status();
-      st.manifest = std::move(m.get());
-      have_manifest = true;
-      break;
-    }
-    st.lazy = have_manifest && !st.manifest.buffers.empty();
-    for (const fb::PlanModel& plan : model.plans) {
-      st.method_names.push_back(plan.name);
-      MethodInfo info = describe_method(plan);
-      st.infos[plan.name] = std::move(info);
-    }
-    std::vector<uint8_t> patched;
-    uint64_t old_base = 0, new_base = 0;
-    if (st.lazy) {
-      auto rb = rebind(region.data(), region.size(), eh, st.file_size, model, st.manifest, path);
-      if (!rb.ok()) return rb.status();
-      for (auto& kv : rb->appended) st.infos[kv.first].lazy_fqns = kv.second;
-      patched = std::move(rb->region);
-      old_base = eh.segment_base_offset;
-      new_base = rb->segment_base;
-      int64_t mp = -1;
-      for (const LazyBuffer& b : st.manifest.buffers) {
-        st.bytes_per_position += b.bytes_per_position();
-        mp = mp < 0 ? b.max_positions() : std::min(mp, b.max_positions());
-      }
-      st.max_positions = mp < 0 ? 0 : mp;
-      for (auto& kv : st.infos) {
-        MethodInfo& info = kv.second;
-        if (!info.uses_lazy()) continue;
-        const FillRule* rule = st.manifest.fill_rule(info.name);
-        const size_t n = info.inputs.size();
-        if (rule == nullptr || static_cast<size_t>(rule->position_input) >= n ||
-            static_cast<size_t>(rule->length_input) >= n ||
-            info.inputs[static_cast<size_t>(rule->position_input)].kind != InputSpec::Kind::Tensor ||
-            info.inputs[static_cast<size_t>(rule->length_input)].kind != InputSpec::Kind::Tensor ||
-            static_cast<size_t>(rule->length_axis) >= info.inputs[static_cast<size_t>(rule->length_input)].sizes.size()) {
-          return Status(ErrorKind::ManifestError, path + ": the fill rule of '" + info.name +
-                                                      "' names inputs the method does not have; re-export with lazykv");
-        }
-        int64_t bound = -1;
-        for (const std::string& fqn : info.lazy_fqns) {
-          const int64_t p = st.manifest.buffer(fqn)->max_positions();
-          bound = bound < 0 ? p : std::min(bound, p);
-        }
-        st.method_bounds[info.name] = bound;
-        info.position_input = rule->position_input;
-        info.position_index = rule->position_index;
-        info.length_input = rule->length_input;
-        info.length_axis = rule->length_axis;
-      }
-    }
-    for (auto& kv : st.infos) {
-      MethodInfo& info = kv.second;
-      for (auto& t : info.token_inputs) {
-        if (info.inputs[static_cast<size_t>(t.first)].kind != InputSpec::Kind::Tensor) t.second = -1;
-      }
-    }
-    st.loader.reset(new RebindingLoader(fd, st.file_size, std::move(patched), old_base, new_base));
-    guard.keep = true;
+    Status opened = detail::open_rebound(path, st);
+    if (!opened.ok()) return opened;
     auto program = executorch::runtime::Program::load(st.loader.get(),
                                                       executorch::runtime::Program::Verification::InternalConsistency);
     if (!program.ok()) {

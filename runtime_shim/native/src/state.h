@@ -85,6 +85,11 @@ struct ProgramState {
   Result<LoadedMethod*> method(const std::string& name);
 };
 
+/// Open `path`, read and check its program flatbuffer and manifest, rebind the lazy
+/// buffers in memory and make `st.loader` serve the result (the first half of
+/// Program::load; also used to hand the loader to ExecuTorch's PyDataLoader).
+Status open_rebound(const std::string& path, ProgramState& st);
+
 /// One lazy buffer's storage.
 struct KvBuffer {
   uint8_t* data = nullptr;
