@@ -734,6 +734,22 @@ def case_native(ctx: Ctx) -> List[Result]:
             rows += _missing(C, [lz32])
     else:
         rows += _missing(C, [st, lz])
+    rows += _native_decode(ctx, st, lz, "C++", lambda sa, la, blocks, steps, n, i: _bench(
+        "decode", sa.path, la.path, "64,2048", blocks, steps, n))
+    rows += _native_python(ctx, st, lz)
+    return rows
+
+
+def _native_decode(ctx: Ctx, st: Art, lz: Art, side: str, measure) -> List[Result]:
+    """Decode rows of the native case, tiny and stories110m at contexts 64 and 2048:
+    ``measure(static art, lazy art, blocks, steps, max context, process index)`` returns
+    one process's blocks per context (``worker.decode``'s format); ``side`` names the
+    language of both sides (C++: lazykv against ExecuTorch's Module; Python: the native
+    session against the stock Python runtime)."""
+    import os
+
+    C = "native"
+    rows: List[Result] = []
     for model, sa, la, procs, blocks, steps, n in (
         ("tiny", ctx.tiny(4096, False), ctx.tiny(4096, True), 3, 41, 32, 4096),
         (S110, st, lz, 2, 13, 8, 2048),
@@ -743,24 +759,24 @@ def case_native(ctx: Ctx) -> List[Result]:
         if not (sa.exists and la.exists):
             rows += _missing(C, [sa, la])
             continue
-        log(f"native: {model} decode ({procs} processes x {blocks} alternating blocks of {steps} steps)")
+        log(f"native ({side}): {model} decode ({procs} processes x {blocks} alternating blocks of {steps} steps)")
         load_start = os.getloadavg()[0]
-        outs = [_bench("decode", sa.path, la.path, "64,2048", blocks, steps, n) for _ in range(procs)]
+        outs = [measure(sa, la, blocks, steps, n, i) for i in range(procs)]
         diff = max(o[c]["max_abs_diff"] for o in outs for c in o)
         for c in outs[0]:
             b = [x for o in outs for x in o[c]["blocks"]]
             per_proc = ", ".join(f"{MED(x['ratio'] for x in o[c]['blocks']):.3f}" for o in outs)
             rows += [
-                row(C, f"{model} context {c}: decode tok/s, ExecuTorch Module + static (C++)",
-                    MED(x["static_tps"] for x in b), "tok/s"),
-                row(C, f"{model} context {c}: decode tok/s, lazykv + lazy (C++)", MED(x["lazy_tps"] for x in b), "tok/s"),
-                row(C, f"{model} context {c}: decode speed lazykv C++ / Module C++", MED(x["ratio"] for x in b), "x",
-                    ">=", 0.98,
+                row(C, f"{side}, {model} context {c}: decode tok/s, stock + static", MED(x["static_tps"] for x in b),
+                    "tok/s", note="ExecuTorch's Module" if side == "C++" else "executorch.runtime"),
+                row(C, f"{side}, {model} context {c}: decode tok/s, lazykv native + lazy",
+                    MED(x["lazy_tps"] for x in b), "tok/s"),
+                row(C, f"{side}, {model} context {c}: decode speed lazykv native / stock", MED(x["ratio"] for x in b),
+                    "x", ">=", 0.98,
                     note=f"median of {len(b)} alternating blocks from {len(outs)} processes (each: {per_proc}); "
                          f"1-min load average {load_start:.1f} at the start"),
             ]
-        rows.append(row(C, f"{model}: logits max |lazykv C++ - Module C++| over all calls", diff, "", "==", 0.0))
-    rows += _native_python(ctx, st, lz)
+        rows.append(row(C, f"{side}, {model}: logits max |lazykv native - stock| over all calls", diff, "", "==", 0.0))
     return rows
 
 
@@ -799,27 +815,9 @@ def _native_python(ctx: Ctx, st: Art, lz: Art) -> List[Result]:
                 n["written"] + n["cache_growth"], "B", "<", 1 << 20,
                 note=f"the shim's first load writes {f['written'] + f['cache_growth']:,.0f} B"),
         ]
-    for model, sa, la, procs, blocks, steps, n_ctx in (
-        ("tiny", ctx.tiny(4096, False), ctx.tiny(4096, True), 3, 41, 32, 4096),
-        (S110, st, lz, 2, 13, 8, 2048),
-    ):
-        if ctx.quick:
-            procs, blocks = 1, 5
-        if not (sa.exists and la.exists):
-            continue
-        load_start = os.getloadavg()[0]
-        outs = [worker("decode", static=str(sa.path), lazy=str(la.path), contexts=[64, 2048], blocks=blocks,
-                       steps=steps, max_context=n_ctx, seed=i, route="native").out for i in range(procs)]
-        diff = max(o[c]["max_abs_diff"] for o in outs for c in o)
-        for c in outs[0]:
-            b = [x for o in outs for x in o[c]["blocks"]]
-            per_proc = ", ".join(f"{MED(x['ratio'] for x in o[c]['blocks']):.3f}" for o in outs)
-            rows.append(row(C, f"Python, {model} context {c}: decode speed native session / stock",
-                            MED(x["ratio"] for x in b), "x", ">=", 0.98,
-                            note=f"median of {len(b)} alternating blocks from {len(outs)} processes (each: "
-                                 f"{per_proc}); stock {MED(x['static_tps'] for x in b):.1f} tok/s; 1-min load "
-                                 f"average {load_start:.1f} at the start"))
-        rows.append(row(C, f"Python, {model}: logits max |native - stock| over all calls", diff, "", "==", 0.0))
+    rows += _native_decode(ctx, st, lz, "Python", lambda sa, la, blocks, steps, n, i: worker(
+        "decode", static=str(sa.path), lazy=str(la.path), contexts=[64, 2048], blocks=blocks, steps=steps,
+        max_context=n, seed=i, route="native").out)
     return rows
 
 

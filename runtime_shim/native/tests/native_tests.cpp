@@ -35,6 +35,8 @@
 
 namespace {
 
+using lazykv::host::argmax;
+using lazykv::host::last_logits;
 using executorch::aten::ScalarType;
 using executorch::extension::make_tensor_ptr;
 using executorch::runtime::EValue;
@@ -127,21 +129,6 @@ struct Tok {
 Tok make(const std::vector<int64_t>& tokens, int64_t pos) {
   return {make_tensor_ptr({1, static_cast<int>(tokens.size())}, std::vector<int64_t>(tokens)),
           make_tensor_ptr({1}, std::vector<int64_t>{pos})};
-}
-
-std::vector<float> last_logits(const EValue& v) {
-  const auto& t = v.toTensor();
-  const int64_t vocab = t.size(t.dim() - 1);
-  const float* p = t.const_data_ptr<float>() + (t.numel() - vocab);
-  return std::vector<float>(p, p + vocab);
-}
-
-int64_t argmax(const std::vector<float>& v) {
-  int64_t b = 0;
-  for (size_t i = 1; i < v.size(); ++i) {
-    if (v[i] > v[static_cast<size_t>(b)]) b = static_cast<int64_t>(i);
-  }
-  return b;
 }
 
 float max_diff(const std::vector<float>& a, const std::vector<float>& b) {

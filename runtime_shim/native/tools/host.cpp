@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <cmath>
 #include <cstdlib>
 
 namespace lazykv {
@@ -19,6 +20,21 @@ std::string load_custom_ops() {
     return std::string(path) + ": " + (err ? err : "dlopen failed");
   }
   return "";
+}
+
+std::vector<float> last_logits(const executorch::runtime::EValue& output) {
+  const auto& t = output.toTensor();
+  const int64_t vocab = t.size(t.dim() - 1);
+  const float* p = t.const_data_ptr<float>() + (t.numel() - vocab);
+  return std::vector<float>(p, p + vocab);
+}
+
+int64_t argmax(const std::vector<float>& values) {
+  size_t best = 0;
+  for (size_t i = 1; i < values.size() && !std::isnan(values[best]); ++i) {
+    if (values[i] > values[best] || std::isnan(values[i])) best = i;
+  }
+  return static_cast<int64_t>(best);
 }
 
 }  // namespace host

@@ -27,6 +27,8 @@
 
 namespace {
 
+using lazykv::host::argmax;
+using lazykv::host::last_logits;
 using executorch::extension::make_tensor_ptr;
 using executorch::runtime::EValue;
 using Clock = std::chrono::steady_clock;
@@ -79,21 +81,6 @@ int load(const std::string& pte, const std::string& how) {
               (long long)(session ? session->kv_bytes() : 0),
               (long long)(program ? program->patched_region_bytes() : 0));
   return 0;
-}
-
-std::vector<float> last_logits(const EValue& v) {
-  const auto& t = v.toTensor();
-  const int64_t vocab = t.size(t.dim() - 1);
-  const float* p = t.const_data_ptr<float>() + (t.numel() - vocab);
-  return std::vector<float>(p, p + vocab);
-}
-
-int64_t argmax(const std::vector<float>& v) {
-  int64_t b = 0;
-  for (size_t i = 1; i < v.size(); ++i) {
-    if (v[i] > v[static_cast<size_t>(b)]) b = static_cast<int64_t>(i);
-  }
-  return b;
 }
 
 int decode(const std::string& static_pte, const std::string& lazy_pte, const std::string& contexts_csv, int blocks,

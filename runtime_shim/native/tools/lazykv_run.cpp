@@ -135,17 +135,11 @@ int fail(const lazykv::Status& s) {
   return 1;
 }
 
-// Index of the largest of the last `vocab` logits (first on ties; NaN counts as largest, as torch.argmax).
-int64_t argmax_last(const executorch::aten::Tensor& t, std::vector<float>* keep) {
-  const int64_t vocab = t.size(t.dim() - 1);
-  const float* p = t.const_data_ptr<float>() + (t.numel() - vocab);
-  int64_t best = 0;
-  for (int64_t i = 1; i < vocab; ++i) {
-    if (std::isnan(p[best])) break;
-    if (p[i] > p[best] || std::isnan(p[i])) best = i;
-  }
-  if (keep != nullptr) keep->insert(keep->end(), p, p + vocab);
-  return best;
+// Index of the largest last-position logit; keeps the logits if asked.
+int64_t argmax_last(const executorch::runtime::EValue& out, std::vector<float>* keep) {
+  const std::vector<float> logits = lazykv::host::last_logits(out);
+  if (keep != nullptr) keep->insert(keep->end(), logits.begin(), logits.end());
+  return lazykv::host::argmax(logits);
 }
 
 struct Inputs {
@@ -291,7 +285,7 @@ int main(int argc, char** argv) {
       if (out->empty() || !out.get()[0].isTensor() || out.get()[0].toTensor().scalar_type() != ScalarType::Float) {
         return fail(lazykv::Status(lazykv::ErrorKind::ExecutionFailed, "the method's first output is not float logits"));
       }
-      next = argmax_last(out.get()[0].toTensor(), k == 0 ? keep : nullptr);
+      next = argmax_last(out.get()[0], k == 0 ? keep : nullptr);
       pos += n;
     }
     if (a.new_tokens > 0) generated[k].push_back(next);
@@ -306,7 +300,7 @@ int main(int argc, char** argv) {
       Inputs in = make_inputs(info, {generated[k].back()}, a.prompt_len + i);
       auto out = ss[k]->run(a.method, ordered(info, in));
       if (!out.ok()) return fail(out.status());
-      generated[k].push_back(argmax_last(out.get()[0].toTensor(), k == 0 ? keep : nullptr));
+      generated[k].push_back(argmax_last(out.get()[0], k == 0 ? keep : nullptr));
     }
     peak = std::max(peak, kv());
   }
