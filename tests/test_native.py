@@ -199,7 +199,7 @@ def test_native_tests_under_asan_ubsan(llama_tiny_lazy, llama_tiny_static):
     build_dir = ROOT / "build" / "native-asan"
     out_dir = build_dir / "bin"
     try:
-        native_build.build_runtime(out_dir, build_dir, sanitize=True)
+        native_build.build_runtime(out_dir, build_dir, sanitize=True, targets=("lazykv_native_tests",))
     except native_build.NativeBuildError as e:
         pytest.fail(str(e))
     env = dict(os.environ)
@@ -213,3 +213,41 @@ def test_native_tests_under_asan_ubsan(llama_tiny_lazy, llama_tiny_static):
         assert done.returncode == 0 and not _failures(done.stdout), (done.returncode, done.stdout[-2000:], report[-4000:])
         assert "ERROR: AddressSanitizer" not in report and "runtime error:" not in report, report[-4000:]
         assert "ERROR: LeakSanitizer" not in report, report[-4000:]
+
+
+def test_lazykv_run_every_policy_equals_static_on_stock(built, llama_tiny_lazy, llama_tiny_static, stock_runtime,
+                                                        tmp_path):
+    """Acceptance: 64-token prompt + 200 decode steps through `lazykv_run`, every policy:
+    the static program's tokens and logits (max |diff| 0.0) on ExecuTorch's own C++
+    Module, and on the stock Python runtime (the C++ side binding Python's BLAS); KV
+    bytes after load 0 (preallocate: the bound)."""
+    import numpy as np
+
+    prompt = [(i * 7 + 3) % 1000 for i in range(64)]
+    csv = ",".join(map(str, prompt))
+    ref = _run([built, "reference", llama_tiny_static[1].path, csv, 199, tmp_path / "module.bin"])
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    module_tokens = [int(t) for t in ref.stdout.split("tokens")[1].split()]
+    module_logits = np.fromfile(tmp_path / "module.bin", dtype=np.float32)
+    # The stock Python runtime on the static program.
+    sm = stock_runtime.load_program(str(llama_tiny_static[1].path)).load_method("forward")
+    out = sm.execute([torch.tensor([prompt]), torch.tensor([0])])[0]
+    py_logits, py_tokens = [out.reshape(-1).clone()], [int(out.argmax())]
+    for i in range(199):
+        out = sm.execute([torch.tensor([[py_tokens[-1]]]), torch.tensor([64 + i])])[0]
+        py_logits.append(out.reshape(-1).clone())
+        py_tokens.append(int(out.argmax()))
+    py_logits = torch.cat(py_logits).numpy()
+    bound = 4096 * 8 * 512  # 8 buffers [1, 4096, 4, 32] float32
+    for policy in ("doubling", "step:256", "hybrid", "preallocate"):
+        for env, want_tokens, want_logits, who in ((None, module_tokens, module_logits, "Module"),
+                                                   (python_blas_env(), py_tokens, py_logits, "Python")):
+            got = _run([RUNNER, llama_tiny_lazy[1].path, "--prompt-tokens", csv, "--new-tokens", "200",
+                        "--policy", policy, "--json", "--quiet", "--logits", tmp_path / "run.bin"], env=env)
+            assert got.returncode == 0, got.stderr
+            j = json.loads(got.stdout)
+            assert j["tokens"] == want_tokens, (policy, who)
+            logits = np.fromfile(tmp_path / "run.bin", dtype=np.float32)
+            assert logits.shape == want_logits.shape
+            assert float(np.abs(logits - want_logits).max()) == 0.0, (policy, who)
+            assert j["kv_bytes_after_load"] == (bound if policy == "preallocate" else 0), policy

@@ -274,10 +274,11 @@ def build_runtime(
     executorch: ExecuTorchInstall | None = None,
     *,
     sanitize: bool = False,
+    targets: tuple = RUNTIME_ARTIFACTS,
     timeout: float = 900.0,
 ) -> list[Path]:
-    """Configure and build the native runtime in ``build_dir``; copy
-    :data:`RUNTIME_ARTIFACTS` into ``output_dir`` (each by rename, so a running process
+    """Configure and build the native runtime in ``build_dir``; copy ``targets`` (default
+    :data:`RUNTIME_ARTIFACTS`) into ``output_dir`` (each by rename, so a running process
     keeps its inode). Returns the copied paths. Raises :class:`NativeBuildError` with
     CMake's or the compiler's own message."""
     executorch = executorch or find_executorch()
@@ -288,7 +289,8 @@ def build_runtime(
     steps = [
         [*cmake, *generator, *runtime_cmake_args(executorch, sanitize=sanitize), "-S", str(CMAKE_PROJECT),
          "-B", str(build_dir)],
-        [*cmake, "--build", str(build_dir), "--parallel", str(max(1, min(4, os.cpu_count() or 1)))],
+        [*cmake, "--build", str(build_dir), "--parallel", str(max(1, min(4, os.cpu_count() or 1))),
+         "--target", *[t[3:-3] if t.endswith(".so") else t for t in targets]],
     ]
     for command in steps:
         try:
@@ -304,7 +306,7 @@ def build_runtime(
     copied = []
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name in RUNTIME_ARTIFACTS:
+    for name in targets:
         src = build_dir / name
         if not src.is_file():
             raise NativeBuildError(f"the native build finished without {name} in {build_dir}")

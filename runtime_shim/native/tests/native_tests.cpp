@@ -5,6 +5,8 @@
 //   lazykv_native_tests model LAZY.pte STATIC.pte lazy vs static, every policy
 //   lazykv_native_tests save LAZY.pte FILE N      prefill N tokens 1..N, save, print next logits
 //   lazykv_native_tests restore LAZY.pte FILE T   restore, run token T at its position, print logits
+//   lazykv_native_tests reference STATIC TOKENS STEPS OUT   greedy on ExecuTorch's own Module:
+//                                                 every call's last logits (float32) to OUT
 //   lazykv_native_tests fuzz-worker VOCAB         one .pte path per stdin line -> one result line
 //                                                 (tests/fuzz_native.py drives it)
 //   lazykv_native_tests policy                    lines "SPEC NEEDED BOUND BPP" on stdin -> capacities
@@ -237,6 +239,28 @@ int model(const std::string& lazy_pte, const std::string& static_pte) {
   return g_failures;
 }
 
+int reference_run(const std::string& static_pte, const std::string& csv, int steps, const std::string& out) {
+  std::vector<int64_t> prompt;
+  size_t pos = 0;
+  while (pos <= csv.size()) {
+    size_t comma = csv.find(',', pos);
+    if (comma == std::string::npos) comma = csv.size();
+    prompt.push_back(std::atoll(csv.substr(pos, comma - pos).c_str()));
+    pos = comma + 1;
+  }
+  std::vector<int64_t> tokens;
+  const auto logits = reference(static_pte, prompt, steps, &tokens);
+  if (logits.size() != static_cast<size_t>(steps) + 1) return std::printf("FAIL reference run\n"), 1;
+  FILE* f = std::fopen(out.c_str(), "wb");
+  if (f == nullptr) return 1;
+  for (const auto& l : logits) std::fwrite(l.data(), sizeof(float), l.size(), f);
+  std::fclose(f);
+  std::printf("tokens");
+  for (int64_t t : tokens) std::printf(" %lld", (long long)t);
+  std::printf("\n");
+  return 0;
+}
+
 void print_logits(const std::vector<float>& v) {
   std::printf("logits");
   for (float x : v) std::printf(" %.9g", x);
@@ -392,6 +416,7 @@ int main(int argc, char** argv) {
   const std::string ops = lazykv::host::load_custom_ops();
   if (!ops.empty()) std::fprintf(stderr, "custom ops not loaded: %s\n", ops.c_str());
   if (mode == "model" && argc == 4) return model(argv[2], argv[3]);
+  if (mode == "reference" && argc == 6) return reference_run(argv[2], argv[3], std::atoi(argv[4]), argv[5]);
   if (mode == "fuzz-worker" && argc == 3) return fuzz_worker(std::atoll(argv[2]));
   if (mode == "save" && argc == 5) return save(argv[2], argv[3], std::atoi(argv[4]));
   if (mode == "restore" && argc == 5) return restore(argv[2], argv[3], std::atoll(argv[4]));
