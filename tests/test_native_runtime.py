@@ -80,3 +80,27 @@ def test_native_and_python_session_files_interchange(native_lazy, llama_tiny_laz
         assert r.offset == 10
         assert torch.equal(r.run("forward", _tok(7, 10))[0], want)
     assert native_lazy.digest == py.digest
+
+
+from test_multimethod import _greedy_reference, _prompt, example_mm_lazy  # noqa: E402,F401  (fixture)
+
+
+def test_native_prefill_decode_on_one_session(example_mm_lazy, example_static, stock_runtime):
+    """A two-method program (loaded with XNNPACK's weight cache on): prefill and decode
+    on one session's storage, bit-identical to the single-method static program."""
+    ref_method = stock_runtime.load_program(str(example_static[1].path)).load_method("forward")
+    prompt, steps = _prompt(), 24
+    ref = _greedy_reference(ref_method, prompt, steps)
+    prog = NativeProgram(example_mm_lazy[1].path)
+    with prog.session() as s:
+        outs = [s.run("prefill", [prompt, torch.tensor([0])])[0]]
+        pos = prompt.shape[1]
+        for _ in range(steps):
+            tok = outs[-1].reshape(-1, outs[-1].shape[-1])[-1].argmax().reshape(1, 1)
+            outs.append(s.run("decode", [tok, torch.tensor([pos])])[0])
+            pos += 1
+        assert s.offset == prompt.shape[1] + steps
+        with pytest.raises(errors.InvalidInput):
+            s.run("decode", [torch.zeros((1, 2), dtype=torch.long), torch.tensor([pos])])  # decode takes one token
+    for a, b in zip(ref, outs):
+        assert torch.equal(a.reshape(b.shape), b)
