@@ -92,15 +92,31 @@ def _owner(obj: str) -> str:
     return "other"
 
 
-def _python_verdict(path: str, vocab: int) -> str:
-    """What the Python shim does with ``path`` (its own process: it may crash too)."""
-    code = ("import sys, fuzz_worker, tempfile; "
-            f"print(fuzz_worker.check_file({path!r}, tempfile.mkdtemp(), {vocab}))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    if done.returncode != 0:
-        return f"python crashed (exit {done.returncode})"
-    return (done.stdout.strip().splitlines() or ["?"])[-1]
+_VERDICT_SCRIPT = """
+import sys, tempfile, fuzz_worker
+vocab = int(sys.argv[1])
+for path in sys.stdin:
+    print(path.strip(), fuzz_worker.check_file(path.strip(), tempfile.mkdtemp(), vocab), flush=True)
+"""
+
+
+def python_verdicts(paths: Sequence[str], vocab: int) -> Dict[str, str]:
+    """What the Python shim does with each file (``fuzz_worker.check_file``), in one
+    subprocess (it imports torch once); a file that kills it is recorded as such and
+    the rest go to a new one."""
+    out: Dict[str, str] = {}
+    todo = list(paths)
+    while todo:
+        done = subprocess.run([sys.executable, "-c", _VERDICT_SCRIPT, str(vocab)], input="\n".join(todo) + "\n",
+                              capture_output=True, text=True, timeout=600 + 60 * len(todo),
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+        for line in done.stdout.splitlines():
+            path, _, verdict = line.partition(" ")
+            out[path] = verdict
+        todo = [p for p in todo if p not in out]
+        if todo:  # the first unanswered file ended the process
+            out[todo.pop(0)] = f"python crashed (exit {done.returncode})"
+    return out
 
 
 def run_native_fuzz(bases: Sequence[str], cases: int, seed: int = 0, vocab: int = 512,
@@ -134,19 +150,24 @@ def run_native_fuzz(bases: Sequence[str], cases: int, seed: int = 0, vocab: int 
                     keep = os.path.join(work, f"crash-{i}.pte")
                     os.replace(path, keep)
                     crash = {"case": i, "base": name, "desc": desc, "signal": fields.get("signal"),
-                             "object": obj, "symbol": fields.get("symbol"), "owner": _owner(obj),
-                             "file": keep, "python": _python_verdict(keep, vocab)}
+                             "object": obj, "symbol": fields.get("symbol"), "owner": _owner(obj), "file": keep}
                     crashes.append(crash)
+                    if progress:
+                        print(f"crash: case {i} ({desc[:100]}) in {os.path.basename(obj)} "
+                              f"{fields.get('symbol')}", file=sys.stderr, flush=True)
                     counts["crash"] = counts.get("crash", 0) + 1
                 worker.kill()
                 worker = _Worker(vocab)
                 continue
             kind = line.split()[0]
             counts[kind] = counts.get(kind, 0) + 1
-            if progress and (i + 1) % 500 == 0:
+            if progress and (i + 1) % 250 == 0:
                 progress(i + 1, cases, counts)
     finally:
         worker.kill()
+    verdicts = python_verdicts([c["file"] for c in crashes], vocab) if crashes else {}
+    for c in crashes:
+        c["python"] = verdicts.get(c["file"], "?")
     return NativeFuzzResult(cases, counts, crashes, hangs, time.time() - t0)
 
 

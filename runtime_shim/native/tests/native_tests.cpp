@@ -16,6 +16,7 @@
 #include <dlfcn.h>
 #include <execinfo.h>
 #include <signal.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -296,23 +297,45 @@ int restore(const std::string& lazy_pte, const std::string& file, int64_t token)
 
 // -- fuzz worker ---------------------------------------------------------------------------
 
-// Which object a crash happened in: the first frame outside libc, libstdc++ and this
-// handler, named by dladdr. This executable holds lazykv's code (liblazykv.a).
-void on_crash(int sig) {
+// Which object a crash happened in: the first frame after the signal trampoline that is
+// outside libc, libstdc++ and libgcc and not an abort helper (ExecuTorch's
+// runtime_abort/pal_abort), named by dladdr; a call through a null pointer (PC 0) is
+// named by its return address. This executable holds lazykv's code (liblazykv.a); it
+// exports its symbols (ENABLE_EXPORTS) so that frames in it are named too.
+bool skipped(const Dl_info& info) {
+  const char* f = info.dli_fname;
+  if (std::strstr(f, "libc.so") || std::strstr(f, "libstdc++") || std::strstr(f, "libgcc")) return true;
+  return info.dli_sname != nullptr && std::strstr(info.dli_sname, "abort") != nullptr;
+}
+
+void on_crash(int sig, siginfo_t*, void* context) {
   void* frames[64];
-  const int n = backtrace(frames, 64);
+  int n = backtrace(frames, 64);
+  // The faulting PC and, if it is not code (a null function pointer), the return address.
+  const ucontext_t* uc = static_cast<const ucontext_t*>(context);
+  void* pc = reinterpret_cast<void*>(uc->uc_mcontext.gregs[REG_RIP]);
+  void* ret = *reinterpret_cast<void**>(uc->uc_mcontext.gregs[REG_RSP]);
+  Dl_info info;
   const char* where = "unknown";
   const char* symbol = "?";
-  for (int i = 0; i < n; ++i) {
-    Dl_info info;
-    if (dladdr(frames[i], &info) == 0 || info.dli_fname == nullptr) continue;
-    const char* f = info.dli_fname;
-    if (std::strstr(f, "libc.so") || std::strstr(f, "libstdc++") || std::strstr(f, "libgcc") ||
-        std::strstr(f, "linux-vdso")) {
-      continue;
+  void* candidates[66];
+  int m = 0;
+  if (sig == SIGSEGV || sig == SIGBUS || sig == SIGFPE || sig == SIGILL) {
+    candidates[m++] = pc;
+    candidates[m++] = ret;
+  } else {
+    bool past_trampoline = false;
+    for (int i = 1; i < n; ++i) {  // frame 0 is this handler
+      if (!past_trampoline) {
+        past_trampoline = dladdr(frames[i], &info) != 0 && info.dli_fname && std::strstr(info.dli_fname, "libc.so");
+        continue;
+      }
+      candidates[m++] = frames[i];
     }
-    if (info.dli_sname != nullptr && std::strstr(info.dli_sname, "on_crash")) continue;
-    where = f;
+  }
+  for (int i = 0; i < m; ++i) {
+    if (dladdr(candidates[i], &info) == 0 || info.dli_fname == nullptr || skipped(info)) continue;
+    where = info.dli_fname;
     symbol = info.dli_sname ? info.dli_sname : "?";
     break;
   }
@@ -393,7 +416,8 @@ int fuzz_worker(int64_t vocab) {
   for (int sig : {SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL}) {
     struct sigaction sa;
     std::memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_crash;
+    sa.sa_sigaction = on_crash;
+    sa.sa_flags = SA_SIGINFO;
     sigaction(sig, &sa, nullptr);
   }
   std::printf("ready\n");
