@@ -242,6 +242,8 @@ Status open_rebound(const std::string& path, ProgramState& st) {
   }
   st.lazy = have_manifest && !st.manifest.buffers.empty();
   for (const fb::PlanModel& plan : model.plans) {
+    Status checked = check_indices(plan, path);
+    if (!checked.ok()) return checked;
     st.method_names.push_back(plan.name);
     MethodInfo info = describe_method(plan);
     st.infos[plan.name] = std::move(info);

@@ -228,7 +228,7 @@ PlanModel read_plan(const FbReader& r, size_t p) {
         continue;
       }
       KernelCall kc;
-      kc.op = r.scalar<int32_t>(call, kKernelCall_op_index, -1);
+      kc.op = r.scalar<int32_t>(call, kKernelCall_op_index, 0);  // flatbuffers omit a default (0)
       kc.args = read_int_vector(r, call, kKernelCall_args);
       plan.kernels.push_back(std::move(kc));
     }

@@ -303,6 +303,35 @@ Result<Rebound> rebind(const uint8_t* program, size_t program_size, const fb::Ex
   return out;
 }
 
+Status check_indices(const fb::PlanModel& plan, const std::string& source) {
+  const int64_t n_values = static_cast<int64_t>(plan.values.size());
+  const int64_t n_ops = static_cast<int64_t>(plan.operators.size());
+  const std::string where = source + ": method '" + plan.name + "'";
+  for (size_t k = 0; k < plan.kernels.size(); ++k) {
+    const fb::KernelCall& call = plan.kernels[k];
+    if (call.op < 0 || call.op >= n_ops) {
+      return invalid(where + ": kernel call " + std::to_string(k) + " calls operator " + std::to_string(call.op) +
+                     " of " + std::to_string(n_ops) + ". The file is corrupt; re-export it");
+    }
+    for (int32_t a : call.args) {
+      if (a < 0 || a >= n_values) {
+        return invalid(where + ": kernel call " + std::to_string(k) + " (" + plan.operators[static_cast<size_t>(call.op)].first +
+                       ") refers to value " + std::to_string(a) + " of " + std::to_string(n_values) +
+                       ". The file is corrupt; re-export it");
+      }
+    }
+  }
+  for (const auto* list : {&plan.inputs, &plan.outputs}) {
+    for (int32_t v : *list) {
+      if (v < 0 || v >= n_values) {
+        return invalid(where + ": an input or output refers to value " + std::to_string(v) + " of " +
+                       std::to_string(n_values) + ". The file is corrupt; re-export it");
+      }
+    }
+  }
+  return Status();
+}
+
 MethodInfo describe_method(const fb::PlanModel& plan) {
   MethodInfo info;
   info.name = plan.name;

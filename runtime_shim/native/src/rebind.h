@@ -51,6 +51,11 @@ Result<Rebound> rebind(const uint8_t* program, size_t program_size, const fb::Ex
                        uint64_t file_size, const fb::ProgramModel& model, const Manifest& manifest,
                        const std::string& source);
 
+/// Index checks ExecuTorch's Method::init does not make (an out-of-range operator index
+/// becomes a call through a null kernel pointer): every instruction's operator and
+/// argument value indices, and the plan's inputs and outputs, must be in range.
+Status check_indices(const fb::PlanModel& plan, const std::string& source);
+
 /// MethodInfo of a plan (user inputs before rebinding, token inputs, cache writes).
 MethodInfo describe_method(const fb::PlanModel& plan);
 
