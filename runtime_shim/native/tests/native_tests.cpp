@@ -309,8 +309,6 @@ bool skipped(const Dl_info& info) {
 }
 
 void on_crash(int sig, siginfo_t*, void* context) {
-  void* frames[64];
-  int n = backtrace(frames, 64);
   // The faulting PC and, if it is not code (a null function pointer), the return address.
   const ucontext_t* uc = static_cast<const ucontext_t*>(context);
   void* pc = reinterpret_cast<void*>(uc->uc_mcontext.gregs[REG_RIP]);
@@ -323,7 +321,9 @@ void on_crash(int sig, siginfo_t*, void* context) {
   if (sig == SIGSEGV || sig == SIGBUS || sig == SIGFPE || sig == SIGILL) {
     candidates[m++] = pc;
     candidates[m++] = ret;
-  } else {
+  } else {  // an abort: unwind (never from a wild PC: the unwinder would fault itself)
+    void* frames[64];
+    const int n = backtrace(frames, 64);
     bool past_trampoline = false;
     for (int i = 1; i < n; ++i) {  // frame 0 is this handler
       if (!past_trampoline) {
