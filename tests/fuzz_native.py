@@ -62,7 +62,8 @@ def _exe() -> Path:
 class _Worker:
     def __init__(self, vocab: int) -> None:
         self.proc = subprocess.Popen([str(_exe()), "fuzz-worker", str(vocab)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+                                     errors="replace")  # messages may quote corrupt bytes
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.proc.stdout, selectors.EVENT_READ)
         line = self.read(60)
@@ -120,8 +121,8 @@ def python_verdicts(paths: Sequence[str], vocab: int) -> Dict[str, str]:
 
 
 def run_native_fuzz(bases: Sequence[str], cases: int, seed: int = 0, vocab: int = 512,
-                    case_timeout: float = 60.0, progress=None) -> NativeFuzzResult:
-    """Run ``cases`` fuzz cases through the C++ loader (see the module doc)."""
+                    case_timeout: float = 60.0, progress=None, start: int = 0) -> NativeFuzzResult:
+    """Run fuzz cases ``start .. cases - 1`` through the C++ loader (see the module doc)."""
     loaded = []
     for p in bases:
         data = open(p, "rb").read()
@@ -132,7 +133,7 @@ def run_native_fuzz(bases: Sequence[str], cases: int, seed: int = 0, vocab: int 
     t0 = time.time()
     worker = _Worker(vocab)
     try:
-        for i in range(cases):
+        for i in range(start, cases):
             name, desc, data = fuzz_worker.build_case(seed, i, loaded)
             path = os.path.join(work, f"case-{i % 4}.pte")
             with open(path, "wb") as f:
@@ -168,18 +169,19 @@ def run_native_fuzz(bases: Sequence[str], cases: int, seed: int = 0, vocab: int 
     verdicts = python_verdicts([c["file"] for c in crashes], vocab) if crashes else {}
     for c in crashes:
         c["python"] = verdicts.get(c["file"], "?")
-    return NativeFuzzResult(cases, counts, crashes, hangs, time.time() - t0)
+    return NativeFuzzResult(cases - start, counts, crashes, hangs, time.time() - t0)
 
 
 def main(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bases", nargs="+")
     ap.add_argument("--cases", type=int, default=2000)
+    ap.add_argument("--start", type=int, default=0, help="first case index (to resume a run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--out", default=str(ROOT / "build" / "fuzz" / "native_last_run.json"))
     args = ap.parse_args(argv)
-    res = run_native_fuzz(args.bases, args.cases, args.seed, args.vocab,
+    res = run_native_fuzz(args.bases, args.cases, args.seed, args.vocab, start=args.start,
                           progress=lambda d, t, c: print(f"{d}/{t} {c}", file=sys.stderr, flush=True))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({**dataclasses.asdict(res), "bases": list(args.bases)}, indent=1))
