@@ -82,7 +82,7 @@ def test_native_and_python_session_files_interchange(native_lazy, llama_tiny_laz
     assert native_lazy.digest == py.digest
 
 
-from test_multimethod import _greedy_reference, _prompt, example_mm_lazy  # noqa: E402,F401  (fixture)
+from test_multimethod import _greedy_reference, _prompt  # noqa: E402
 
 
 def test_native_prefill_decode_on_one_session(example_mm_lazy, example_static, stock_runtime):
