@@ -10,10 +10,13 @@ DEMO_DIR := build/demo
 
 venv: $(STAMP)
 
-# Second pip call: the native helper (runtime_shim/native) compiles against the executorch
+# Second pip call: the native code (runtime_shim/native: helper, runtime, lazykv_run) compiles against the executorch
 # the first one installed (pip's isolated build env has none); without isolation this time,
 # and LAZYKV_REQUIRE_NATIVE=1 turns a failed build into an install error.
-$(STAMP): pyproject.toml setup.py runtime_shim/native/xnnpack_options.cpp runtime_shim/native/build.py
+NATIVE_SOURCES := $(wildcard runtime_shim/native/CMakeLists.txt runtime_shim/native/src/* \
+	runtime_shim/native/include/lazykv/* runtime_shim/native/tools/* runtime_shim/native/tests/*)
+
+$(STAMP): pyproject.toml setup.py runtime_shim/native/xnnpack_options.cpp runtime_shim/native/build.py $(NATIVE_SOURCES)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

@@ -1,10 +1,11 @@
 """Build step of lazykv: the native helper in ``runtime_shim/native``.
 
 Everything about the package is declared in ``pyproject.toml``; this file only adds the
-helper, a small C++ library compiled against the *installed* ExecuTorch's headers and
-``libexecutorch.so`` (it switches XNNPACK's weight cache on; see
-``runtime_shim/weight_cache.py``). The compile recipe lives in
-``runtime_shim/native/build.py``, shared with the first-use fallback.
+native code, compiled against the *installed* ExecuTorch's headers and
+``libexecutorch.so``: the helper, a small C++ library that switches XNNPACK's weight
+cache on (``runtime_shim/weight_cache.py``), and the native runtime (CMake project in
+``runtime_shim/native``: ``liblazykv_native.so``, ``lazykv_run``, the C++ tests). The
+recipes live in ``runtime_shim/native/build.py``, shared with the first-use fallback.
 
 If the helper cannot be built (no executorch in the build environment, no C++
 compiler), the install still succeeds with a warning and lazykv compiles the helper on
@@ -61,10 +62,16 @@ class BuildNative(build_ext):
         try:
             executorch = native_build.find_executorch()
             command = native_build.compile_helper(output, executorch)
+            # The native runtime (CMake): the C ABI library, lazykv_run, the C++ tests.
+            runtime = native_build.build_runtime(
+                output.parent, Path(self.build_temp) / "lazykv-native", executorch
+            )
         except native_build.NativeBuildError as exc:
             output.unlink(missing_ok=True)  # never ship a stale helper from an earlier build
+            for name in native_build.RUNTIME_ARTIFACTS:
+                (output.parent / name).unlink(missing_ok=True)
             message = (
-                f"lazykv: the native helper (XNNPACK weight cache switch) was not built: {exc}. "
+                f"lazykv: the native helper and runtime were not built: {exc}. "
                 + (
                     "LAZYKV_REQUIRE_NATIVE is set, so the install stops here."
                     if REQUIRE
@@ -75,7 +82,8 @@ class BuildNative(build_ext):
             raise CompileError(message) from exc  # optional: a warning; required: the error
         print(
             f"lazykv: built {output.name} against executorch {executorch.version} "
-            f"({executorch.root}): {' '.join(command)}",
+            f"({executorch.root}): {' '.join(command)}; native runtime: "
+            + ", ".join(p.name for p in runtime),
             file=sys.stderr,
         )
 
@@ -93,9 +101,17 @@ class BuildNative(build_ext):
             inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
             if not os.path.exists(regular_file):
                 continue  # optional and not built: the warning was given
-            tmp = f"{inplace_file}.tmp-{os.getpid()}"
-            shutil.copy2(regular_file, tmp)
-            os.replace(tmp, inplace_file)
+            pairs = [(regular_file, inplace_file)] + [
+                (os.path.join(os.path.dirname(regular_file), name),
+                 os.path.join(os.path.dirname(inplace_file), name))
+                for name in native_build.RUNTIME_ARTIFACTS
+            ]
+            for src, dest in pairs:
+                if not os.path.exists(src):
+                    continue
+                tmp = f"{dest}.tmp-{os.getpid()}"
+                shutil.copy2(src, tmp)
+                os.replace(tmp, dest)
         self.extensions = others
         try:
             super().copy_extensions_to_source()
@@ -108,7 +124,9 @@ setup(
         Extension(
             EXT_NAME,
             sources=[str(NATIVE_DIR / "xnnpack_options.cpp")],
-            depends=[str(NATIVE_DIR / "build.py")],
+            depends=[str(NATIVE_DIR / "build.py"), str(NATIVE_DIR / "CMakeLists.txt")]
+            + sorted(str(p.relative_to(HERE)) for sub in ("src", "include", "tools", "tests")
+                     for p in (HERE / NATIVE_DIR / sub).rglob("*") if p.is_file()),
             language="c++",
             optional=not REQUIRE,
         )

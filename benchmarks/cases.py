@@ -66,6 +66,8 @@ class Ctx:
             "sessions": [self.s110(2048, True), self.tiny(4096, True)],
             "serving": [self.s110(2048, True), self.tiny(4096, True)],
             "export": self.export_arts(),
+            "native": [self.tiny(4096, False), self.tiny(4096, True), self.s110(2048, False),
+                       self.s110(2048, True), self.s110(32768, True)],
         }[case]
 
 
@@ -765,6 +767,155 @@ def _plot_export(rec) -> None:
     _save(fig, "export.png")
 
 
+# ================================================================================ native
+
+
+def _bench(*argv, timeout: float = 1800) -> dict:
+    """One run of the C++ ``lazykv_bench`` (built at install) in a process of its own."""
+    import json
+    import subprocess
+
+    from lazykv.runtime_shim.native.build import CMAKE_PROJECT
+
+    exe = CMAKE_PROJECT / "lazykv_bench"
+    if not exe.is_file():
+        raise RuntimeError(f"{exe} was not built; run `make venv`")
+    done = subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"lazykv_bench {' '.join(map(str, argv))} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def case_native(ctx: Ctx) -> List[Result]:
+    """The C++ runtime (lazykv's library, no Python) against ExecuTorch's own C++
+    ``Module`` on the static program: loads of stories110m, each in a process of its own,
+    variants interleaved round-robin (median of ``reps``, 3 when quick); decode as the
+    decode case does it (alternating blocks of greedy generation in one process, ratio
+    per block, median over the blocks of several processes)."""
+    import os
+
+    C = "native"
+    rows: List[Result] = []
+    st, lz, lz32 = ctx.s110(2048, False), ctx.s110(2048, True), ctx.s110(32768, True)
+    load1 = os.getloadavg()[0]
+    if st.exists and lz.exists:
+        reps = 1 if ctx.quick else 5
+        variants = [("stock static 2048", st, "stock"), ("lazykv lazy 2048", lz, "lazykv")]
+        if lz32.exists:
+            variants.append(("lazykv lazy 32768", lz32, "lazykv"))
+        got: Dict[str, List[dict]] = {name: [] for name, _, _ in variants}
+        for _ in range(reps):
+            for name, art, how in variants:
+                got[name].append(_bench("load", art.path, how))
+        med = {n: {k: MED(r[k] for r in v) for k in v[0]} for n, v in got.items()}
+        s, l = med["stock static 2048"], med["lazykv lazy 2048"]
+        for n, m in med.items():
+            rows.append(row(C, f"stories110m load, {n} (C++): seconds / RSS growth / peak growth",
+                            round(m["load_seconds"], 3), "s",
+                            note=f"RSS +{_mib(m['rss_growth_bytes']):.0f} MiB, peak +{_mib(m['peak_growth_bytes']):.0f} "
+                                 f"MiB, KV {m['kv_bytes']:,} B, rebound region {m['region_bytes']:,} B; median of {reps}"))
+        rows += [
+            row(C, "stories110m 2048 load time, lazykv (C++) / ExecuTorch Module", l["load_seconds"] / s["load_seconds"], "x",
+                "<=", 1.2, note=f"1-min load average {load1:.1f} at the start"),
+            row(C, "stories110m 2048 RSS growth after load, lazykv (C++) / Module",
+                l["rss_growth_bytes"] / s["rss_growth_bytes"], "x", "<", 1),
+            row(C, "stories110m 2048 peak RSS during load, lazykv (C++) / Module",
+                l["peak_growth_bytes"] / s["peak_growth_bytes"], "x", "<", 1),
+        ]
+        if lz32.exists:
+            rows.append(row(C, "RSS growth, lazy 32768 (lazykv C++) / static 2048 (ExecuTorch Module)",
+                            med["lazykv lazy 32768"]["rss_growth_bytes"] / s["rss_growth_bytes"], "x", "<", 1))
+        else:
+            rows += _missing(C, [lz32])
+    else:
+        rows += _missing(C, [st, lz])
+    rows += _native_decode(ctx, st, lz, "C++", lambda sa, la, blocks, steps, n, i: _bench(
+        "decode", sa.path, la.path, "64,2048", blocks, steps, n))
+    rows += _native_python(ctx, st, lz)
+    return rows
+
+
+def _native_decode(ctx: Ctx, st: Art, lz: Art, side: str, measure) -> List[Result]:
+    """Decode rows of the native case, tiny and stories110m at contexts 64 and 2048:
+    ``measure(static art, lazy art, blocks, steps, max context, process index)`` returns
+    one process's blocks per context (``worker.decode``'s format); ``side`` names the
+    language of both sides (C++: lazykv against ExecuTorch's Module; Python: the native
+    session against the stock Python runtime)."""
+    import os
+
+    C = "native"
+    rows: List[Result] = []
+    for model, sa, la, procs, blocks, steps, n in (
+        ("tiny", ctx.tiny(4096, False), ctx.tiny(4096, True), 3, 41, 32, 4096),
+        (S110, st, lz, 2, 13, 8, 2048),
+    ):
+        if ctx.quick:
+            procs, blocks = 1, 5
+        if not (sa.exists and la.exists):
+            rows += _missing(C, [sa, la])
+            continue
+        log(f"native ({side}): {model} decode ({procs} processes x {blocks} alternating blocks of {steps} steps)")
+        load_start = os.getloadavg()[0]
+        outs = [measure(sa, la, blocks, steps, n, i) for i in range(procs)]
+        diff = max(o[c]["max_abs_diff"] for o in outs for c in o)
+        for c in outs[0]:
+            b = [x for o in outs for x in o[c]["blocks"]]
+            per_proc = ", ".join(f"{MED(x['ratio'] for x in o[c]['blocks']):.3f}" for o in outs)
+            rows += [
+                row(C, f"{side}, {model} context {c}: decode tok/s, stock + static", MED(x["static_tps"] for x in b),
+                    "tok/s", note="ExecuTorch's Module" if side == "C++" else "executorch.runtime"),
+                row(C, f"{side}, {model} context {c}: decode tok/s, lazykv native + lazy",
+                    MED(x["lazy_tps"] for x in b), "tok/s"),
+                row(C, f"{side}, {model} context {c}: decode speed lazykv native / stock", MED(x["ratio"] for x in b),
+                    "x", ">=", 0.98,
+                    note=f"median of {len(b)} alternating blocks from {len(outs)} processes (each: {per_proc}); "
+                         f"1-min load average {load_start:.1f} at the start"),
+            ]
+        rows.append(row(C, f"{side}, {model}: logits max |lazykv native - stock| over all calls", diff, "", "==", 0.0))
+    return rows
+
+
+def _native_python(ctx: Ctx, st: Art, lz: Art) -> List[Result]:
+    """The same C++ loader and sessions from Python (``runtime_shim.native_runtime``)
+    against ExecuTorch's stock Python runtime on the static program: stories110m 2048
+    loads (a process each, interleaved; the shim's first load beside them), then decode
+    as the decode case does it with the native session as the lazy side."""
+    import os
+    import tempfile
+
+    C = "native"
+    rows: List[Result] = []
+    if st.exists and lz.exists:
+        reps = 1 if ctx.quick else 5
+        got: Dict[str, List[dict]] = {"stock": [], "native": [], "shim first": []}
+        load1 = os.getloadavg()[0]
+        for _ in range(reps):
+            got["stock"].append(worker("load", mode="stock", path=str(st.path)).out)
+            with tempfile.TemporaryDirectory() as d:
+                got["native"].append(worker("load", mode="native", path=str(lz.path), cache_dir=d).out)
+            with tempfile.TemporaryDirectory() as d:
+                got["shim first"].append(worker("load", mode="shim", path=str(lz.path), cache_dir=d).out)
+        med = {n: {k: MED(r[k] for r in v) for k in ("seconds", "growth", "peak_during", "written", "cache_growth")}
+               for n, v in got.items()}
+        s, n, f = med["stock"], med["native"], med["shim first"]
+        rows += [
+            row(C, "Python, stories110m 2048: first load, native loader / stock", n["seconds"] / s["seconds"], "x",
+                "<=", 1.2, note=f"{n['seconds']:.3f} s against {s['seconds']:.3f} s (the shim's rewriting first "
+                                f"load: {f['seconds']:.3f} s); median of {reps}; 1-min load average {load1:.1f}"),
+            row(C, "Python, stories110m 2048: RSS growth after load, native loader / stock", n["growth"] / s["growth"],
+                "x", "<", 1),
+            row(C, "Python, stories110m 2048: peak RSS during load, native loader / stock",
+                n["peak_during"] / s["peak_during"], "x", "<", 1),
+            row(C, "Python, stories110m 2048: bytes written while loading, native loader",
+                n["written"] + n["cache_growth"], "B", "<", 1 << 20,
+                note=f"the shim's first load writes {f['written'] + f['cache_growth']:,.0f} B"),
+        ]
+    rows += _native_decode(ctx, st, lz, "Python", lambda sa, la, blocks, steps, n, i: worker(
+        "decode", static=str(sa.path), lazy=str(la.path), contexts=[64, 2048], blocks=blocks, steps=steps,
+        max_context=n, seed=i, route="native").out)
+    return rows
+
+
 CASES = {
     "load": case_load,
     "decode": case_decode,
@@ -774,4 +925,5 @@ CASES = {
     "sessions": case_sessions,
     "serving": case_serving,
     "export": case_export,
+    "native": case_native,
 }

@@ -205,7 +205,7 @@ def _merge_meta(meta: dict, old: dict, cases_run: Sequence[str]) -> dict:
     return out
 
 
-CASE_ORDER = ("load", "decode", "policies", "transient", "multimethod", "sessions", "serving", "export")
+CASE_ORDER = ("load", "decode", "policies", "transient", "multimethod", "sessions", "serving", "export", "native")
 
 
 def _machine_line(meta: dict) -> str:

@@ -148,11 +148,20 @@ def _export_linear2(out):
 @task
 def load(mode, path, cache_dir=None, method="forward"):
     """One load in this fresh process. ``stock``: ``Runtime.load_program(path)`` +
-    ``load_method``; ``shim``: ``lazykv.runtime_shim.load(path)`` + the method loaded.
-    RSS figures are above the RSS after imports."""
+    ``load_method``; ``shim``: ``lazykv.runtime_shim.load(path)`` + the method loaded;
+    ``native``: the C++ loader through ``runtime_shim.native_runtime`` + the method + a
+    session. RSS figures are above the RSS after imports; ``written``: bytes this process
+    wrote while loading (``/proc/self/io`` wchar) and ``cache_growth``: bytes added under
+    ``cache_dir``."""
     from lazykv import runtime_shim
 
     rt = _runtime()
+    if mode == "native":
+        from lazykv.runtime_shim import native_runtime
+
+        native_runtime.library()  # loading the library is an import, not a load
+    cache_before = _tree_bytes(cache_dir)
+    io_before = _written()
     base = _rss()
     reset_peak_rss()
     t0 = time.perf_counter()
@@ -160,6 +169,10 @@ def load(mode, path, cache_dir=None, method="forward"):
         prog = rt.load_program(path)
         m = prog.load_method(method)
         hit = None
+    elif mode == "native":
+        prog = native_runtime.NativeProgram(path)
+        prog.load_method(method)
+        m, hit = prog.session(), None
     else:
         prog = runtime_shim.load(path, cache_dir=cache_dir)
         prog.load_method(method)  # the shim loads methods on first use; load it now
@@ -168,7 +181,31 @@ def load(mode, path, cache_dir=None, method="forward"):
     st = proc_status()
     after = _rss()
     return {"seconds": seconds, "base_rss": base, "growth": after - base,
-            "peak_during": st["VmHWM"] - base, "cache_hit": hit, "alive": m is not None}
+            "peak_during": st["VmHWM"] - base, "cache_hit": hit, "alive": m is not None,
+            "written": _written() - io_before, "cache_growth": _tree_bytes(cache_dir) - cache_before}
+
+
+def _written() -> int:
+    """Bytes this process has passed to write() so far (``/proc/self/io`` wchar)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _tree_bytes(folder) -> int:
+    """Bytes of the files under ``folder`` (0 if it does not exist)."""
+    if not folder or not os.path.isdir(folder):
+        return 0
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
 
 
 # ------------------------------------------------------------------------------ decode
@@ -184,7 +221,7 @@ def _argmax(logits):
 
 
 @task
-def decode(static, lazy, contexts, blocks, steps, max_context, seed=0):
+def decode(static, lazy, contexts, blocks, steps, max_context, seed=0, route="shim"):
     """Stock runtime + static program against shim + lazy program, alternating blocks.
 
     Both get the same prompt (prefilled in chunks of ``max_seq_len``), of ``context + 1``
@@ -193,7 +230,8 @@ def decode(static, lazy, contexts, blocks, steps, max_context, seed=0):
     the other, alternating which side goes first; the lazy session then trims back to the
     prompt, so every block decodes the same positions from the same token (the static
     program overwrites its cache rows). The two sides give the same tokens and logits
-    (checked). A block's ratio is (static seconds) / (lazy seconds), i.e. lazy tokens/s
+    (checked). ``route="native"``: the lazy side is the C++ runtime's session through
+    ``runtime_shim.native_runtime`` instead of the Python shim. A block's ratio is (static seconds) / (lazy seconds), i.e. lazy tokens/s
     over static tokens/s. The prompt is one past ``context`` so that trimming back keeps
     the doubling policy's capacity (checked): no block regrows the storage.
 
@@ -209,8 +247,16 @@ def decode(static, lazy, contexts, blocks, steps, max_context, seed=0):
     torch.manual_seed(seed)
     rt = _runtime()
     sm = rt.load_program(static).load_method("forward")
-    lp = runtime_shim.load(lazy, policy="doubling")
-    max_seq_len = _chunk(lp)
+    if route == "native":
+        from lazykv.pte_file import open_pte
+        from lazykv.runtime_shim.native_runtime import NativeProgram
+
+        plan = open_pte(lazy, validate=False).plan("forward")
+        max_seq_len = int(plan.values[plan.inputs[0]].val.sizes[1])
+        lp = NativeProgram(lazy, policy="doubling")
+    else:
+        lp = runtime_shim.load(lazy, policy="doubling")
+        max_seq_len = _chunk(lp)
 
     def loop(call, tok, pos):
         """``steps`` greedy steps from ``tok`` at ``pos``: (seconds, tokens, logits)."""

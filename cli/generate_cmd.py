@@ -59,13 +59,16 @@ def _plot(result, path: str) -> None:
                    "then forked into the others (lazy programs).")
 @click.option("--method", default="forward", show_default=True, help="Decoder method to run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt.")
+@click.option("--prompt-tokens", default=None,
+              help="The prompt as token ids, e.g. 1,2,3 (instead of a random one; overrides "
+                   "--prompt-len). lazykv_run takes the same list and prints the same tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object on stdout.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG of KV bytes against tokens, with the ideal as floor.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def generate(ctx, pte, prompt_len, new_tokens, policy, max_bytes, sessions, shared_prefix, method,
-             seed, as_json, plot, quiet):
+             seed, prompt_tokens, as_json, plot, quiet):
     """Generate greedily from a seeded random prompt and report KV memory.
 
     Prints tokens/s and the KV bytes held after load, after the prefill and at the end
@@ -85,8 +88,20 @@ def generate(ctx, pte, prompt_len, new_tokens, policy, max_bytes, sessions, shar
         mb = parse_bytes(max_bytes) if max_bytes is not None else None
     except PolicyError as e:
         raise click.UsageError(str(e)) from None
+    tokens = None
+    if prompt_tokens is not None:
+        try:
+            tokens = [int(t) for t in prompt_tokens.split(",")]
+        except ValueError:
+            raise click.UsageError(
+                f"--prompt-tokens must be integers separated by commas, got {prompt_tokens!r}"
+            ) from None
+        prompt_len = len(tokens)
     if shared_prefix > prompt_len:
-        raise click.UsageError(f"--shared-prefix {shared_prefix} is longer than --prompt-len {prompt_len}")
+        raise click.UsageError(
+            f"--shared-prefix {shared_prefix} is longer than --prompt-len {prompt_len}"
+            + (" (the number of --prompt-tokens)" if tokens is not None else "")
+        )
 
     def err(msg):
         click.echo(msg, err=True)
@@ -114,7 +129,7 @@ def generate(ctx, pte, prompt_len, new_tokens, policy, max_bytes, sessions, shar
         try:
             result = greedy_generate(program, prompt_len, new_tokens, sessions=sessions,
                                      seed=seed, method=method, progress=progress,
-                                     shared_prefix=shared_prefix)
+                                     shared_prefix=shared_prefix, prompt_tokens=tokens)
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)

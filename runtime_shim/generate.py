@@ -116,6 +116,7 @@ def greedy_generate(
     method: str = "forward",
     progress: Optional[ProgressFn] = None,
     shared_prefix: int = 0,
+    prompt_tokens: Optional[List[int]] = None,
 ) -> GenerationResult:
     """Prefill a seeded random prompt of ``prompt_len`` tokens in each of ``sessions``
     sessions, then decode ``new_tokens`` greedily, sessions interleaved token by token.
@@ -128,7 +129,16 @@ def greedy_generate(
     (K x the prefix's measured prefill), ``seconds_saved``, ``positions_saved`` and
     ``bytes_saved`` (KV bytes the other sessions got by copy instead of computing them;
     each session still holds its own copy). Needs a program with lazy KV buffers.
+
+    ``prompt_tokens``: the prompt itself (every session gets it; ``prompt_len`` is then
+    its length). ``lazykv_run --prompt-tokens`` takes the same list and prints the same
+    tokens.
     """
+    if prompt_tokens is not None:
+        prompt_tokens = [int(t) for t in prompt_tokens]
+        if not prompt_tokens:
+            raise InvalidInput("prompt_tokens is empty; give at least one token id")
+        prompt_len = len(prompt_tokens)
     if method not in program.method_names:
         raise UnknownMethod(f"{program.source}: no method {method!r}; it has {sorted(program.method_names)}")
     if prompt_len < 1 or new_tokens < 0 or sessions < 1:
@@ -160,7 +170,14 @@ def greedy_generate(
         tok_i = program.manifest.fill_rule(method).length_input
     chunk = info.inputs[tok_i].sizes[1] if info.inputs[tok_i].dynamic else prompt_len
     gen = torch.Generator().manual_seed(seed)
-    if shared_prefix:
+    if prompt_tokens is not None:
+        bad = [t for t in prompt_tokens if not 0 <= t < vocab]
+        if bad:
+            raise InvalidInput(
+                f"prompt token {bad[0]} is outside the vocabulary [0, {vocab}) of {program.source}"
+            )
+        prompts = [torch.tensor([prompt_tokens], dtype=torch.long) for _ in range(sessions)]
+    elif shared_prefix:
         head = torch.randint(0, vocab, (1, shared_prefix), generator=gen)
         prompts = [torch.cat([head, torch.randint(0, vocab, (1, prompt_len - shared_prefix), generator=gen)], 1)
                    for _ in range(sessions)]

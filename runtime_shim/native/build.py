@@ -207,3 +207,112 @@ def compile_helper(
     finally:
         tmp.unlink(missing_ok=True)
     return command
+
+
+# -- the native runtime (CMakeLists.txt next to this file) ---------------------------------
+
+#: The CMake project of the native runtime (library, lazykv_run, tests, C ABI).
+CMAKE_PROJECT = Path(__file__).resolve().parent
+#: What the runtime build puts next to the helper: the C ABI library Python loads, the
+#: runner behind the ``lazykv_run`` command, the C++ test executable and the C++ side of
+#: ``python -m benchmarks native``.
+RUNTIME_ARTIFACTS = ("liblazykv_native.so", "lazykv_run", "lazykv_native_tests", "lazykv_bench")
+
+
+def find_cmake() -> list[str]:
+    """``cmake`` on PATH (Debian's, or the ``cmake`` PyPI package's), else NativeBuildError."""
+    found = shutil.which("cmake")
+    if found is None:
+        try:
+            import cmake as _cmake  # the PyPI package ships the binary
+
+            candidate = Path(_cmake.CMAKE_BIN_DIR) / "cmake"
+            if candidate.is_file():
+                return [str(candidate)]
+        except ImportError:
+            pass
+        raise NativeBuildError(
+            "cmake is not installed; the native runtime builds with CMake >= 3.19 "
+            "(`apt-get install cmake ninja-build` or `pip install cmake ninja`)"
+        )
+    return [found]
+
+
+def python_link_flags() -> list[str]:
+    """Linker flags of this interpreter's libpython (the host custom-op library needs its
+    symbols, DESIGN fact 16), as ``python3-config --ldflags --embed`` gives them."""
+    import sysconfig
+
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    version = sysconfig.get_config_var("LDVERSION") or sysconfig.get_config_var("VERSION") or ""
+    flags = []
+    if libdir:
+        flags += [f"-L{libdir}", f"-Wl,-rpath,{libdir}"]
+    flags += [f"-lpython{version}", "-ldl", "-lm"]
+    return flags
+
+
+def runtime_cmake_args(executorch: ExecuTorchInstall, *, sanitize: bool = False) -> list[str]:
+    """The ``-D`` options of a host build against ``executorch``."""
+    custom_ops = executorch.root / "extension" / "llm" / "custom_ops" / "libcustom_ops_aot_lib.so"
+    args = [
+        f"-DCMAKE_PREFIX_PATH={executorch.root}",
+        "-DCMAKE_BUILD_TYPE=" + ("RelWithDebInfo" if sanitize else "Release"),
+        "-DLAZYKV_BUILD_TOOLS=ON",
+        "-DLAZYKV_PYTHON_ABI=ON",
+        f"-DLAZYKV_SANITIZE={'ON' if sanitize else 'OFF'}",
+        "-DLAZYKV_PYTHON_LINK=" + ";".join(python_link_flags()),
+    ]
+    if custom_ops.is_file():
+        args.append(f"-DLAZYKV_CUSTOM_OPS_LIBRARY={custom_ops}")
+    return args
+
+
+def build_runtime(
+    output_dir: Path,
+    build_dir: Path,
+    executorch: ExecuTorchInstall | None = None,
+    *,
+    sanitize: bool = False,
+    targets: tuple = RUNTIME_ARTIFACTS,
+    timeout: float = 900.0,
+) -> list[Path]:
+    """Configure and build the native runtime in ``build_dir``; copy ``targets`` (default
+    :data:`RUNTIME_ARTIFACTS`) into ``output_dir`` (each by rename, so a running process
+    keeps its inode). Returns the copied paths. Raises :class:`NativeBuildError` with
+    CMake's or the compiler's own message."""
+    executorch = executorch or find_executorch()
+    cmake = find_cmake()
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    steps = [
+        [*cmake, *generator, *runtime_cmake_args(executorch, sanitize=sanitize), "-S", str(CMAKE_PROJECT),
+         "-B", str(build_dir)],
+        [*cmake, "--build", str(build_dir), "--parallel", str(max(1, min(4, os.cpu_count() or 1))),
+         "--target", *[t[3:-3] if t.endswith(".so") else t for t in targets]],
+    ]
+    for command in steps:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise NativeBuildError(f"could not run {command[0]!r}: {exc}") from exc
+        if done.returncode != 0:
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-25:])
+            raise NativeBuildError(
+                f"building the native runtime against executorch {executorch.version} failed "
+                f"({' '.join(command[:3])} ... exit code {done.returncode}):\n{tail}"
+            )
+    copied = []
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in targets:
+        src = build_dir / name
+        if not src.is_file():
+            raise NativeBuildError(f"the native build finished without {name} in {build_dir}")
+        dest = output_dir / name
+        tmp = output_dir / f".{name}.tmp-{os.getpid()}"
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dest)
+        copied.append(dest)
+    return copied

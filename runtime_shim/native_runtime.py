@@ -1,0 +1,293 @@
+"""The native runtime from Python: the C++ loader and sessions of ``runtime_shim/native``
+through their C ABI (``include/lazykv/c_api.h``), loaded with ctypes.
+
+The C++ library rebinds a lazy ``.pte`` in memory and hands ExecuTorch a DataLoader
+that maps every segment read to the original file, so loading writes nothing to disk
+and keeps no copy of the weights. A :class:`NativeSession` keeps its KV storage bound
+to the method's inputs between calls and passes only the user's inputs per call, where
+ExecuTorch's pybind ``Method.execute`` converts every input (the KV tensors too) on
+every call. The library runs inside this process's ExecuTorch runtime: importing this
+module imports ``executorch.runtime`` and the LLM custom ops first, so the kernels and
+delegates registered there are the ones the native code finds (it links the same
+``libexecutorch.so``). Why this route and not ExecuTorch's ``PyDataLoader``: see
+``docs/cpp.md`` (Python section).
+
+Errors are :mod:`lazykv.errors` classes with the C++ message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from lazykv import errors
+from lazykv.runtime_shim.policy import GrowthPolicy, parse_policy
+
+#: Built by setup.py next to the native build recipe (runtime_shim/native/build.py).
+LIBRARY = Path(__file__).resolve().parent / "native" / "liblazykv_native.so"
+_ABI_VERSION = 1
+_MAX_DIMS = 16
+
+# lazykv::ErrorKind (include/lazykv/status.h) -> lazykv.errors class.
+_ERRORS = {
+    1: errors.InvalidProgram,
+    2: errors.ManifestError,
+    3: errors.ProgramRejected,
+    4: errors.InvalidInput,
+    5: errors.UnknownMethod,
+    6: errors.ContextOverflow,
+    7: errors.MemoryBudgetExceeded,
+    8: errors.AllocationFailed,
+    9: errors.ExecutionFailed,
+    10: errors.SessionClosed,
+    11: errors.SessionFileError,
+    13: errors.LazyKVError,
+}
+
+# executorch ScalarType codes <-> torch dtypes.
+_CODES = {
+    torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4,
+    torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.bool: 11, torch.bfloat16: 15,
+}
+_DTYPES = {v: k for k, v in _CODES.items()}
+
+
+class _Tensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("scalar_type", ctypes.c_int32),
+        ("dim", ctypes.c_int32),
+        ("sizes", ctypes.c_int64 * _MAX_DIMS),
+    ]
+
+
+_LIB_LOCK = threading.Lock()
+_LIB: Optional[ctypes.CDLL] = None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded C ABI library (ExecuTorch's runtime and custom ops imported first).
+
+    Raises :class:`lazykv.errors.LazyKVError` naming the fix when the install did not
+    build it."""
+    global _LIB
+    with _LIB_LOCK:
+        if _LIB is not None:
+            return _LIB
+        if not LIBRARY.is_file():
+            raise errors.LazyKVError(
+                f"the native runtime {LIBRARY} was not built at install; reinstall with "
+                "LAZYKV_REQUIRE_NATIVE=1 (make venv) to see why (needs cmake and a C++17 compiler)"
+            )
+        from lazykv.runtime_shim.program import _runtime
+
+        _runtime()  # libexecutorch.so, kernels, delegates and custom ops in the process first
+        lib = ctypes.CDLL(str(LIBRARY))
+        c = ctypes
+        P, S = c.c_void_p, c.c_char_p
+        sigs = {
+            "lkv_abi_version": (c.c_int, []),
+            "lkv_last_error": (c.c_char_p, []),
+            "lkv_program_load": (c.c_int, [S, S, c.c_int64, c.c_int, c.POINTER(P)]),
+            "lkv_program_free": (None, [P]),
+            "lkv_program_manifest": (c.c_char_p, [P]),
+            "lkv_program_region_bytes": (c.c_int64, [P]),
+            "lkv_program_load_method": (c.c_int, [P, S]),
+            "lkv_program_digest": (c.c_int, [P, c.c_char_p]),
+            "lkv_session_new": (c.c_int, [P, c.POINTER(P)]),
+            "lkv_session_restore": (c.c_int, [P, S, c.POINTER(P)]),
+            "lkv_session_free": (None, [P]),
+            "lkv_session_run": (c.c_int, [P, S, c.POINTER(_Tensor), c.c_int32, c.POINTER(c.c_int32)]),
+            "lkv_session_output": (c.c_int, [P, c.c_int32, c.POINTER(_Tensor)]),
+            "lkv_session_stats": (c.c_int, [P, c.POINTER(c.c_int64)]),
+            "lkv_session_trim": (c.c_int, [P, c.c_int64, c.POINTER(c.c_int64), c.POINTER(c.c_int64)]),
+            "lkv_session_reset": (c.c_int, [P, c.POINTER(c.c_int64), c.POINTER(c.c_int64)]),
+            "lkv_session_save": (c.c_int, [P, S, c.POINTER(c.c_int64)]),
+        }
+        for name, (res, args) in sigs.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        if lib.lkv_abi_version() != _ABI_VERSION:
+            raise errors.LazyKVError(
+                f"{LIBRARY} has C ABI version {lib.lkv_abi_version()}, this lazykv needs "
+                f"{_ABI_VERSION}; reinstall lazykv"
+            )
+        _LIB = lib
+        return lib
+
+
+def _check(code: int) -> None:
+    if code:
+        message = (library().lkv_last_error() or b"").decode("utf-8", "replace")
+        raise _ERRORS.get(code, errors.LazyKVError)(message)
+
+
+class NativeProgram:
+    """A ``.pte`` loaded by the C++ runtime. Sessions: :meth:`session`, :meth:`restore`."""
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        policy: Union[str, GrowthPolicy, None] = "doubling",
+        max_bytes: Optional[int] = None,
+        weight_cache: Optional[bool] = None,
+    ) -> None:
+        lib = library()
+        self.policy = parse_policy(policy)
+        self.source = os.fspath(path)
+        handle = ctypes.c_void_p()
+        wc = -1 if weight_cache is None else int(bool(weight_cache))
+        _check(lib.lkv_program_load(self.source.encode(), self.policy.spec().encode(),
+                                    -1 if max_bytes is None else int(max_bytes), wc, ctypes.byref(handle)))
+        self._handle = handle
+
+    @property
+    def manifest_json(self) -> str:
+        """The manifest as stored in the ``.pte`` ("" for a program lazykv did not mark)."""
+        return library().lkv_program_manifest(self._handle).decode()
+
+    @property
+    def region_bytes(self) -> int:
+        """Bytes of the rebound program flatbuffer held in memory (the only copy made)."""
+        return int(library().lkv_program_region_bytes(self._handle))
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the ``.pte`` file (what session files record)."""
+        buf = ctypes.create_string_buffer(65)
+        _check(library().lkv_program_digest(self._handle, buf))
+        return buf.value.decode()
+
+    def load_method(self, name: str) -> None:
+        """Load method ``name`` now (sessions load on first use)."""
+        _check(library().lkv_program_load_method(self._handle, name.encode()))
+
+    def session(self) -> "NativeSession":
+        """A new conversation with its own KV storage."""
+        handle = ctypes.c_void_p()
+        _check(library().lkv_session_new(self._handle, ctypes.byref(handle)))
+        return NativeSession(self, handle)
+
+    def restore(self, path: Union[str, os.PathLike]) -> "NativeSession":
+        """A session restored from a session file (saved by C++ or by Python)."""
+        handle = ctypes.c_void_p()
+        _check(library().lkv_session_restore(self._handle, os.fspath(path).encode(), ctypes.byref(handle)))
+        return NativeSession(self, handle)
+
+    def close(self) -> None:
+        """Free the program (its sessions keep it alive until they are closed)."""
+        if self._handle:
+            library().lkv_program_free(self._handle)
+            self._handle = ctypes.c_void_p()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class NativeSession:
+    """One conversation of a :class:`NativeProgram`: ``run``, ``stats``, ``trim``,
+    ``reset``, ``save``, ``close`` as :class:`lazykv.runtime_shim.Session`."""
+
+    _STATS = ("current_bytes", "peak_bytes", "grow_events", "shrink_events", "bytes_copied",
+              "positions_filled", "capacity_positions", "max_positions", "bytes_per_position",
+              "allocations", "frees")
+
+    def __init__(self, program: NativeProgram, handle: ctypes.c_void_p) -> None:
+        self.program = program
+        self._handle = handle
+        self._lib = library()
+        self._args = (_Tensor * 8)()
+        self._n_out = ctypes.c_int32()
+        self._out = _Tensor()
+
+    def run(self, method: str, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Run ``method`` on the user's inputs (contiguous CPU tensors); returns copies of
+        the outputs. The C++ side checks every input before ExecuTorch sees it."""
+        n = len(inputs)
+        if n > len(self._args):
+            raise errors.InvalidInput(f"{method}: {n} inputs; the native binding passes at most {len(self._args)}")
+        args = self._args
+        for i, x in enumerate(inputs):
+            if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dim() > _MAX_DIMS:
+                raise errors.InvalidInput(f"{method}: input {i} must be a CPU tensor")
+            if not x.is_contiguous():
+                raise errors.InvalidInput(f"{method}: input {i} must be contiguous; call .contiguous() first")
+            code = _CODES.get(x.dtype)
+            if code is None:
+                raise errors.InvalidInput(f"{method}: input {i} has dtype {x.dtype}, which ExecuTorch has no code for")
+            a = args[i]
+            a.data = x.data_ptr()
+            a.scalar_type = code
+            a.dim = x.dim()
+            for d, s in enumerate(x.shape):
+                a.sizes[d] = s
+        _check(self._lib.lkv_session_run(self._handle, method.encode(), args, n, ctypes.byref(self._n_out)))
+        outs = []
+        for i in range(self._n_out.value):
+            if self._lib.lkv_session_output(self._handle, i, ctypes.byref(self._out)):
+                outs.append(None)  # not a tensor
+                continue
+            o = self._out
+            t = torch.empty(tuple(o.sizes[: o.dim]), dtype=_DTYPES[o.scalar_type])
+            ctypes.memmove(t.data_ptr(), o.data, t.numel() * t.element_size())
+            outs.append(t)
+        return outs
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """The session's counters (the fields of :class:`SessionStats`)."""
+        buf = (ctypes.c_int64 * 11)()
+        _check(self._lib.lkv_session_stats(self._handle, buf))
+        return dict(zip(self._STATS, buf))
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.stats["current_bytes"]
+
+    @property
+    def offset(self) -> int:
+        return self.stats["positions_filled"]
+
+    def trim(self, n: int):
+        """Drop the last ``n`` positions; returns (positions, bytes) freed."""
+        p, b = ctypes.c_int64(), ctypes.c_int64()
+        _check(self._lib.lkv_session_trim(self._handle, int(n), ctypes.byref(p), ctypes.byref(b)))
+        return p.value, b.value
+
+    def reset(self):
+        """Forget every position; returns (positions, bytes) freed."""
+        p, b = ctypes.c_int64(), ctypes.c_int64()
+        _check(self._lib.lkv_session_reset(self._handle, ctypes.byref(p), ctypes.byref(b)))
+        return p.value, b.value
+
+    def save(self, path: Union[str, os.PathLike]) -> int:
+        """Write the session file (Python's format); returns bytes written."""
+        w = ctypes.c_int64()
+        _check(self._lib.lkv_session_save(self._handle, os.fspath(path).encode(), ctypes.byref(w)))
+        return w.value
+
+    def close(self) -> None:
+        """Free the session's storage. Idempotent."""
+        if self._handle:
+            self._lib.lkv_session_free(self._handle)
+            self._handle = ctypes.c_void_p()
+
+    def __enter__(self) -> "NativeSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
