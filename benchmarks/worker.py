@@ -248,11 +248,12 @@ def decode(static, lazy, contexts, blocks, steps, max_context, seed=0, route="sh
     rt = _runtime()
     sm = rt.load_program(static).load_method("forward")
     if route == "native":
-        from lazykv.pte_file import open_pte
+        from lazykv.format.pte import open_pte
         from lazykv.runtime_shim.native_runtime import NativeProgram
 
-        plan = open_pte(lazy, validate=False).plan("forward")
-        max_seq_len = int(plan.values[plan.inputs[0]].val.sizes[1])
+        with open_pte(lazy) as pte:
+            plan = pte.plan("forward")
+            max_seq_len = int(plan.tensors[plan.inputs[0]].sizes[1])
         lp = NativeProgram(lazy, policy="doubling")
     else:
         lp = runtime_shim.load(lazy, policy="doubling")

@@ -1,6 +1,6 @@
 """The ``.pte`` fuzz of :mod:`fuzz_worker`, through the C++ loader.
 
-The same cases (``fuzz_worker.build_case``: seeded mutations of real ``.pte`` files) are
+The same cases (``fuzz_mutations.build_case``: seeded mutations of real ``.pte`` files) are
 written to disk and handed to a long-lived C++ worker (``lazykv_native_tests
 fuzz-worker``), which loads each with ``lazykv::Program::load`` and runs every method
 once (then one more position), and prints one result line. A crash is caught by a signal
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fuzz_worker  # noqa: E402
+import fuzz_mutations  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def run_native_fuzz(bases: Sequence[str], cases: int, seed: int = 0, vocab: int 
     loaded = []
     for p in bases:
         data = open(p, "rb").read()
-        loaded.append((os.path.basename(p), data, fuzz_worker._layout_full(os.path.basename(p), data)))
+        loaded.append((os.path.basename(p), data, fuzz_mutations.layout_full(os.path.basename(p), data)))
     work = tempfile.mkdtemp(prefix="lazykv-native-fuzz-")
     counts: Dict[str, int] = {}
     crashes, hangs = [], []
@@ -134,7 +134,7 @@ def run_native_fuzz(bases: Sequence[str], cases: int, seed: int = 0, vocab: int 
     worker = _Worker(vocab)
     try:
         for i in range(start, cases):
-            name, desc, data = fuzz_worker.build_case(seed, i, loaded)
+            name, desc, data = fuzz_mutations.build_case(seed, i, loaded)
             path = os.path.join(work, f"case-{i % 4}.pte")
             with open(path, "wb") as f:
                 f.write(data)

@@ -140,13 +140,27 @@ def _short_header(data: bytes) -> bytes:
     (lambda d: _edited(d, _nameless), "has no fully qualified name"),
     (lambda d: _edited(d, _resized), "but the manifest says"),
     (lambda d: _edited(d, _unlisted), "the lazykv manifest does not list"),
-    (_short_header, "its extended header is 24 bytes"),
-], ids=["planned", "nameless", "resized", "unlisted", "short-header"])
+], ids=["planned", "nameless", "resized", "unlisted"])
 def test_unsupported_layout_is_refused_by_name(example_lazy, make, words):
     data = make(_lazy_bytes(example_lazy))
     with open_pte(data) as pte:
         with pytest.raises(InvalidProgram, match=words):
             rebind_region(pte, pte.manifest)
+
+
+def test_an_older_24_byte_header_keeps_its_length(example_lazy):
+    """ExecuTorch's older extended header has no segment data size: the rebound one
+    keeps 24 bytes and gets the new program size and segment base only (as the C++
+    loader does), so the flatbuffer after it is not overwritten."""
+    data = _short_header(_lazy_bytes(example_lazy))
+    rebound = _rebound_file(data)
+    h = read_extended_header(rebound)
+    assert (h.length, h.segment_data_size) == (24, 0)
+    assert h.program_size > read_extended_header(data).program_size
+    assert rebound[32:40] == data[32:40]
+    assert rebound[h.segment_base_offset:] == data[read_extended_header(data).segment_base_offset:]
+    with open_pte(rebound) as pte:
+        assert len(pte.plan("forward").inputs) > len(open_pte(data).plan("forward").inputs)
 
 
 def test_load_refuses_an_unsupported_layout(example_lazy, tmp_path):

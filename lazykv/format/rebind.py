@@ -13,7 +13,8 @@ edits on a copy of the program flatbuffer region, nothing else (``docs/format.md
 2. each plan that uses lazy buffers gets a new ``inputs`` vector, appended after the
    flatbuffer's end (4-byte aligned): the old inputs, then the lazy tensors' value
    indices in manifest order; the field's forward offset is pointed at it;
-3. the extended header gets the new program size; the segment base offset stays put
+3. the extended header gets the new program size (and, in a 32-byte header, the segment
+   data size); the segment base offset stays put
    when the padding in front of the segments has room for the new vectors, else it
    moves to the next multiple of its alignment (the largest power of two dividing it,
    at least 128, at most 64 KiB; ExecuTorch's Llama exports move by a few hundred
@@ -120,11 +121,6 @@ def rebind_region(pte: PteFile, manifest: Manifest) -> Rebound:
             f"{source}: has lazy buffers but no extended header or segments (the manifest "
             f"lives in a segment); the file is corrupt or was not written by lazykv"
         )
-    if header.length != LENGTH:
-        raise InvalidProgram(
-            f"{source}: its extended header is {header.length} bytes; lazykv rebinds files "
-            f"with the {LENGTH}-byte header of ExecuTorch 1.x. Re-export the program"
-        )
     buf = bytearray(pte.region)
     fb = Reader(buf)
     appended: Dict[str, Tuple[str, ...]] = {}
@@ -155,7 +151,10 @@ def rebind_region(pte: PteFile, manifest: Manifest) -> Rebound:
         alignment = max(MIN_SEGMENT_ALIGNMENT, min(old_base & -old_base, 1 << 16))
         base = aligned(program_size, alignment)
     data_size = pte.file_size - old_base
-    buf[EXTENDED_HEADER_AT : EXTENDED_HEADER_AT + LENGTH] = ExtendedHeader(
-        program_size, base, data_size).to_bytes()
+    if header.length >= LENGTH:
+        buf[EXTENDED_HEADER_AT : EXTENDED_HEADER_AT + LENGTH] = ExtendedHeader(
+            program_size, base, data_size).to_bytes()
+    else:  # an older 24-byte header: it has no segment data size field to write
+        struct.pack_into("<QQ", buf, EXTENDED_HEADER_AT + 8, program_size, base)
     buf.extend(b"\x00" * (base - program_size))
     return Rebound(bytes(buf), base, data_size, appended)
