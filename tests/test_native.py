@@ -54,31 +54,33 @@ def built():
 
 
 def test_slots_match_program_fbs():
-    """The C++ reader's vtable slots are those of the installed wheel's program.fbs."""
-    et = native_build.find_executorch()
-    fbs = (et.root / "schema" / "program.fbs").read_text()
-    fbs = re.sub(r"//[^\n]*", "", fbs)
-    tables = {}
-    for m in re.finditer(r"table\s+(\w+)\s*\{(.*?)\}", fbs, re.S):
-        slot, fields = 4, {}
-        for f in re.finditer(r"(\w+)\s*:\s*([\w\[\]\.]+)", m.group(2)):
-            name, ftype = f.group(1), f.group(2)
-            is_union = re.search(rf"union\s+{re.escape(ftype)}\b", fbs) is not None
-            if is_union:
-                fields[name + "_type"] = slot
-                slot += 2
-            fields[name] = slot
-            slot += 2
-        tables[m.group(1)] = fields
+    """The C++ reader's vtable slots, union codes and dtype table are lazykv's format
+    layer's (``lazykv.format.schema``, ``lazykv.format.scalar_type``), which
+    ``tests/test_format_layer.py`` checks against the installed wheel's ``program.fbs``,
+    ``scalar_type.fbs`` and ExecuTorch's enums: the two readers cannot drift apart."""
+    from lazykv.format import schema as S
+    from lazykv.format.scalar_type import BY_DTYPE
+    from lazykv.manifest import LAZY_DTYPES
+
     header = (NATIVE / "src" / "pte_format.h").read_text()
     block = header.split("SLOTS-BEGIN")[1].split("SLOTS-END")[0]
     seen = 0
     for m in re.finditer(r"constexpr uint16_t k(\w+?)_(\w+) = (\d+);", block):
         table, field, value = m.group(1), m.group(2), int(m.group(3))
-        assert table in tables, f"{table} is not a table of program.fbs"
-        assert tables[table].get(field) == value, (table, field, value, tables[table])
+        assert table in S.PROGRAM_FBS, f"{table} is not a table of program.fbs"
+        assert getattr(S.PROGRAM_FBS[table], field, None) == value, (table, field, value)
         seen += 1
     assert seen >= 25
+    for union, codes in (("KernelTypes", S.KERNEL_TYPES), ("InstructionArguments", S.INSTRUCTION_ARGUMENTS)):
+        for m in re.finditer(rf"constexpr uint8_t k{union}_(\w+) = (\d+);", header):
+            assert codes[int(m.group(2))] == m.group(1), (union, m.group(1))
+    dynamism = {"kStatic": S.STATIC, "kDynamicBound": S.DYNAMIC_BOUND, "kDynamicUnbound": S.DYNAMIC_UNBOUND}
+    for name, value in dynamism.items():
+        assert f"constexpr uint8_t {name} = {value};" in header, name
+    dtypes = re.findall(r'\{"(\w+)", (\d+), (\d+)\}', (NATIVE / "src" / "rebind.cpp").read_text())
+    assert {name for name, _, _ in dtypes} == set(LAZY_DTYPES)
+    for name, code, size in dtypes:
+        assert (BY_DTYPE[name].code, BY_DTYPE[name].itemsize) == (int(code), int(size)), name
 
 
 def test_native_unit_tests(built):
