@@ -53,9 +53,10 @@ class SessionStats:
     """A snapshot of a session's KV storage (bytes are of the lazy buffers only).
 
     ``grow_events`` counts buffer allocations and enlargements (one per buffer: a
-    session of 8 buffers growing once adds 8); ``peak_bytes`` includes the transient of
-    a grow (old and new storage of one buffer alive together); ``bytes_copied`` is the
-    prefix data moved by grows and shrinks.
+    session of 8 buffers growing once adds 8); ``grows`` counts enlargements of the
+    session's storage (all its buffers at once count once); ``peak_bytes`` includes the
+    transient of a grow (old and new storage of one buffer alive together);
+    ``bytes_copied`` is the prefix data moved by grows and shrinks.
     """
 
     current_bytes: int
@@ -69,6 +70,7 @@ class SessionStats:
     bytes_per_position: int
     allocations: int
     frees: int
+    grows: int = 0
 
     @property
     def ideal_bytes(self) -> int:
@@ -101,6 +103,7 @@ class Session:
         self._kv: Dict[str, Optional[torch.Tensor]] = {b.fqn: None for b in program.buffers}
         self._filled = 0
         self._capacity = 0  # min positions over the lazy buffers; kept by _resize
+        self._grows = 0  # storage enlargements (all buffers together count once)
         # method -> FastCall (or None: not eligible); dropped whenever the storage changes.
         self._fast: Dict[str, Optional[FastCall]] = {}
         self._closed = False
@@ -117,6 +120,7 @@ class Session:
         if program.lazy and initial:
             self._check_budget(initial, initial)
             self._resize(initial)
+            self._grows += 1
 
     # -- mlx-lm style surface ----------------------------------------------------------
 
@@ -170,6 +174,7 @@ class Session:
             bytes_per_position=self.program.bytes_per_position,
             allocations=a.allocations,
             frees=a.frees,
+            grows=self._grows,
         )
 
     @property
@@ -339,6 +344,7 @@ class Session:
         target = max(min(max(target, cap), bound), need)
         target = self._check_budget(need, target)
         self._resize(target)
+        self._grows += 1
 
     def _resize(self, positions: int) -> None:
         """Every lazy buffer to ``positions`` (clamped to its bound), one at a time."""
