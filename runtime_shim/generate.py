@@ -248,6 +248,15 @@ def _inputs(program, method: str, tokens: torch.Tensor, pos: int) -> list:
     return out
 
 
+def _bound(program, method: str) -> Optional[int]:
+    """Positions the program's KV cache holds (lazy: the manifest's bound; static: the
+    bound the graph gives, when it does)."""
+    if program.lazy:
+        return program.max_positions
+    limits = program.limits.get(method)
+    return getattr(limits, "max_positions", None) if limits is not None else None
+
+
 def _chunk(program, method: str, prompt_len: int) -> int:
     """Tokens per prefill call: up to the dynamic bound, or exactly the static size."""
     spec = program.method_info(method).inputs[_token_input(program, method)]
@@ -285,11 +294,12 @@ def greedy_generate(
             f"need prompt_len >= 1, new_tokens >= 0, sessions >= 1; got {prompt_len}, "
             f"{new_tokens}, {sessions}"
         )
-    if program.lazy and prompt_len + max(new_tokens - 1, 0) > program.max_positions:
+    need, bound = prompt_len + max(new_tokens - 1, 0), _bound(program, prefill_m)
+    if bound is not None and need > bound:
         raise ContextOverflow(
-            f"prompt {prompt_len} + {new_tokens} new tokens needs "
-            f"{prompt_len + max(new_tokens - 1, 0)} positions; {program.source} holds at "
-            f"most {program.max_positions}"
+            f"a prompt of {prompt_len} + {new_tokens} new tokens needs {need} positions; "
+            f"{program.source} holds at most {bound}: use a shorter prompt or fewer new "
+            f"tokens, or export with a larger max context"
         )
     figures = kv_figures(program)
     planned = figures.planned_bytes

@@ -31,6 +31,7 @@ from lazykv.errors import (
     SessionClosed,
     SessionFileError,
 )
+from lazykv.output_path import atomic_write, check_output_path
 from lazykv.runtime_shim.allocator import TrackingAllocator
 from lazykv.runtime_shim.fast_call import FastCall
 
@@ -303,11 +304,7 @@ class Session:
         if length < 1:
             raise InvalidInput(f"{method}: input {len_i} holds no positions (length 0)")
         if pos != self._filled:
-            raise InvalidInput(
-                f"{method}: call starts at position {pos} but this session has filled "
-                f"{self._filled}; positions must continue at {self._filled} (no gaps). To go "
-                f"back, trim({self._filled - pos if pos < self._filled else 0}) or reset() first"
-            )
+            raise InvalidInput(f"{method}: {_position_advice(pos, self._filled)}")
         need = pos + length
         if bound is not None and need > bound:
             raise ContextOverflow(
@@ -419,10 +416,25 @@ class Session:
 
     @_locked
     def trim(self, n: int) -> Freed:
-        """Drop the last ``n`` positions (clamped to those filled) and shrink the storage
-        to what the policy holds for the rest (new, smaller tensors). Returns what was freed."""
+        """Drop the last ``n`` positions and shrink the storage to what the policy holds
+        for the rest (new, smaller tensors). Returns what was freed.
+
+        ``n`` larger than the positions filled drops them all, with a ``UserWarning``
+        saying so; a negative or non-integer ``n`` raises :class:`InvalidInput`."""
         self._check_open()
-        n = max(0, min(self._filled, int(n)))
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidInput(
+                f"trim(n): n is the number of positions to drop, an int >= 0; got {n!r} "
+                f"({self._filled} filled)"
+            )
+        if n > self._filled:
+            import warnings
+
+            warnings.warn(
+                f"trim({n}): only {self._filled} positions are filled; dropped them all",
+                UserWarning, stacklevel=3,
+            )
+            n = self._filled
         before = self.kv_bytes
         self._filled -= n
         if self.program.lazy:
@@ -466,9 +478,12 @@ class Session:
         """Write the filled prefix of every lazy buffer to ``path``; returns bytes written.
 
         The file records the program's sha256; :meth:`LazyProgram.restore` refuses it
-        for any other program.
+        for any other program. ``path`` must be a new or regular file in a writable
+        folder, else :class:`~lazykv.output_path.OutputPathError` (checked before any
+        work); it is replaced atomically.
         """
         self._check_open()
+        check_output_path(path, "the session file")
         prog = self.program
         if not prog.lazy:
             raise LazyKVError(
@@ -507,14 +522,12 @@ class Session:
             },
             sort_keys=True,
         ).encode()
-        path = Path(path)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        # Checked before anything is written; atomic; nothing left behind on failure.
+        with atomic_write(path, "the session file") as f:
             f.write(SESSION_MAGIC + struct.pack("<Q", len(header)) + header)
             for view in prefixes:
                 f.write(view)
             size = f.tell()
-        os.replace(tmp, path)
         return size
 
     @classmethod
@@ -624,6 +637,19 @@ class Session:
     def __repr__(self) -> str:
         st = "closed" if self._closed else f"{self._filled}/{self.capacity} positions, {self.kv_bytes} bytes"
         return f"Session({st})"
+
+
+def _position_advice(pos: int, filled: int) -> str:
+    """Why a call starting at ``pos`` cannot run in a session with ``filled`` positions,
+    and what to do instead."""
+    if pos < 0:
+        return f"call starts at position {pos}; positions are >= 0 (this session has filled {filled})"
+    if pos > filled:
+        where = "nothing yet" if filled == 0 else f"positions 0..{filled - 1}"
+        return (f"call starts at position {pos} but this session has filled {where}; "
+                f"positions must continue without gaps: start this call at {filled}")
+    return (f"call starts at position {pos} but this session has filled {filled}; to redo "
+            f"from position {pos}, call trim({filled - pos}) first (or reset() to start over)")
 
 
 def _describe(info) -> str:
