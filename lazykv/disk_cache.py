@@ -53,6 +53,9 @@ _PARTIAL_STALE_SECONDS = 3600
 #: The fix every "cannot write to the cache" message gives.
 FIX = f"set {ENV_DIR} to a writable folder, or {ENV_MAX_BYTES}=0 to keep nothing"
 
+#: Folders whose every subfolder is one entry of this kind.
+_GROUPED = {"checkpoints": "checkpoint", "native": "native"}
+
 _DIGEST = re.compile(r"^([0-9a-f]{64})\.")
 
 
@@ -149,8 +152,8 @@ def entries(root: Optional[Union[str, os.PathLike]] = None) -> List[Entry]:
     for name in names:
         p = root / name
         if p.is_dir() and not p.is_symlink():
-            if name in ("checkpoints", "native"):
-                kind = "checkpoint" if name == "checkpoints" else "native"
+            if name in _GROUPED:
+                kind = _GROUPED[name]
                 for sub in sorted(os.listdir(p)):
                     k = ("partial", sub) if ".tmp" in sub else (kind, sub)
                     groups.setdefault(k, []).append(p / sub)
@@ -192,8 +195,15 @@ def clear(root: Optional[Union[str, os.PathLike]] = None) -> Tuple[int, int]:
     """Remove every entry under ``root`` (default :func:`cache_dir`); returns (entries,
     bytes) removed. Loads running meanwhile keep working (their files stay open) and
     later ones rebuild what they need."""
+    root = Path(root) if root is not None else cache_dir()
     gone = entries(root)
-    return len(gone), sum(_remove(e) for e in gone)
+    freed = sum(_remove(e) for e in gone)
+    for folder in _GROUPED:
+        try:
+            (root / folder).rmdir()  # only if empty
+        except OSError:
+            pass
+    return len(gone), freed
 
 
 def touch(path: Union[str, os.PathLike]) -> None:

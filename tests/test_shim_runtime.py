@@ -517,11 +517,12 @@ def test_cli_generate_json_and_plot(shim_lazy_pte, shim_cache, tmp_path, monkeyp
     )
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
+    t = d["totals"]
     for k in ("kv_bytes_after_load", "kv_bytes_after_prefill", "kv_bytes_end",
-              "peak_kv_bytes", "decode_tokens_per_s", "tokens"):
-        assert k in d
-    assert d["kv_bytes_after_load"] == 0
-    assert len(d["tokens"]) == 2 and len(d["tokens"][0]) == 12
-    assert d["kv_bytes_end"] == 2 * 32 * 4096
+              "peak_kv_bytes", "decode_tokens_per_s"):
+        assert k in t
+    assert t["kv_bytes_after_load"] == 0
+    assert len(d["sessions"]) == 2 and len(d["sessions"][0]["tokens"]) == 12
+    assert t["kv_bytes_end"] == 2 * 32 * 4096
     assert png.stat().st_size > 1000
     assert "tokens/s" in r.stderr
