@@ -103,7 +103,8 @@ def _methods(value):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON object on stdout (see below).")
 @click.option("--plot", type=click.Path(), default=None,
-              help="Write a PNG of KV bytes against tokens, with the ideal as floor.")
+              help="Write a PNG of KV bytes against tokens, with the ideal as floor (checked "
+                   "before loading; missing folders are created).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def generate(ctx, pte, prompt_len, new_tokens, policy, max_bytes, sessions, method, seed,

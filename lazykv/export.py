@@ -32,7 +32,7 @@ from lazykv.context_limits import resolve_max_seq_len
 from lazykv.disk_cache import cache_dir  # the one cache folder (checkpoints live there)
 from lazykv.errors import LazyKVError
 from lazykv.models.llama import PRESETS, LlamaShape, write_random_checkpoint
-from lazykv.output_path import atomic_write, check_output_path
+from lazykv.output_path import OutputPathError, atomic_write, check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -172,14 +172,20 @@ def checkpoint_for(shape: LlamaShape, seed: int) -> tuple[Path, Path]:
     d = cache_dir() / "checkpoints" / key
     params, ckpt = d / "params.json", d / "checkpoint.pth"
     if not (params.exists() and ckpt.exists()):
+        import shutil
+
         disk_cache.ensure_writable(d.parent)
         tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-        write_random_checkpoint(shape, tmp, seed=seed)
-        tmp.replace(d) if not d.exists() else None
-        if tmp.exists():  # another process won the race
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_random_checkpoint(shape, tmp, seed=seed)
+            tmp.replace(d) if not d.exists() else None
+        except OSError as e:  # e.g. a full disk: no half-written checkpoint is left
+            raise OutputPathError(
+                f"cannot write a random checkpoint to lazykv's cache folder {d.parent}: "
+                f"{e.strerror or e}; {disk_cache.FIX}"
+            ) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # left only if another process won the race
         disk_cache.evict(keep=(key,))  # the cache stays under its cap
     else:
         disk_cache.touch(d)  # used now (least-recently-used eviction)

@@ -647,7 +647,7 @@ def _position_advice(pos: int, filled: int) -> str:
     if pos > filled:
         where = "nothing yet" if filled == 0 else f"positions 0..{filled - 1}"
         return (f"call starts at position {pos} but this session has filled {where}; "
-                f"positions must continue without gaps: start this call at {filled}")
+                f"positions must continue at {filled} (no gaps): start this call at {filled}")
     return (f"call starts at position {pos} but this session has filled {filled}; to redo "
             f"from position {pos}, call trim({filled - pos}) first (or reset() to start over)")
 

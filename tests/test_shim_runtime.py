@@ -401,7 +401,7 @@ def test_policy_strings():
     assert parse_policy("doubling") == Doubling()
     assert parse_policy("step") == Step(256)
     assert parse_policy("step:64") == Step(64)
-    assert parse_policy("hybrid:start=128,linear_after=1MiB,increment=64K") == Hybrid(128, 1 << 20, 64 << 10)
+    assert parse_policy("hybrid:start=128,linear_after=1MiB,increment=64KiB") == Hybrid(128, 1 << 20, 64 << 10)
     assert parse_policy("preallocate") == Preallocate()
     for p in [Doubling(), Step(64), Hybrid(), Preallocate()]:
         assert parse_policy(p.spec()) == p
