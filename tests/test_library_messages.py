@@ -137,6 +137,7 @@ def test_export_example_script_applies_the_same_rule(tmp_path):
                         "-o", str(tmp_path / "e.pte")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "--max-seq-len" in r.stderr and "--max-context" in r.stderr
+    assert "must fit in the KV cache" in r.stderr  # the shared rule's message, not argparse's
 
 
 # -- export_with_passes.py (item 9) --------------------------------------------------------
