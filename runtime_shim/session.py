@@ -648,8 +648,9 @@ def _position_advice(pos: int, filled: int) -> str:
         where = "nothing yet" if filled == 0 else f"positions 0..{filled - 1}"
         return (f"call starts at position {pos} but this session has filled {where}; "
                 f"positions must continue at {filled} (no gaps): start this call at {filled}")
-    return (f"call starts at position {pos} but this session has filled {filled}; to redo "
-            f"from position {pos}, call trim({filled - pos}) first (or reset() to start over)")
+    return (f"call starts at position {pos} but this session has filled {filled}; positions "
+            f"must continue at {filled}: to redo from position {pos}, call trim({filled - pos}) "
+            f"first (or reset() to start over)")
 
 
 def _describe(info) -> str:
