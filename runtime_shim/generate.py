@@ -49,10 +49,15 @@ class KVFigures:
 
 
 def kv_figures(program) -> KVFigures:
-    """:class:`KVFigures` of a loaded program (reads its program flatbuffer once)."""
+    """:class:`KVFigures` of a loaded program (reads its program flatbuffer once). A
+    program loaded from bytes with the disk cache off has no file left to read: its
+    planned KV bytes count as 0 (lazy figures come from the manifest)."""
     from lazykv.inspect import inspect_pte
 
-    path = program.source if os.path.isfile(str(program.source)) else program.runtime_path
+    path = next((p for p in (str(program.source), program.runtime_path) if os.path.isfile(p)), None)
+    if path is None:
+        return KVFigures(0, program.max_positions * program.bytes_per_position,
+                         program.bytes_per_position)
     info = inspect_pte(path)
     return KVFigures(
         planned_bytes=info["kv_bytes_at_max_context"] - info["lazy_kv_bytes"],
