@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from lazykv.cli._quiet import fmt_bytes, quiet_third_party
+from lazykv.cli._quiet import fmt_bytes, quiet_third_party, silence_import_noise
+
+_EPILOG = """\b
+Exit codes:
+  0  the .pte was written
+  1  lazykv refused the export (e.g. a KV cache that is read in full); the message
+     names the buffer, the reading node and the fix
+  2  usage error (e.g. --max-seq-len above --max-context), or -o cannot be written
+     (a directory, device, FIFO or link; a folder that is not writable): checked
+     before any export work
+"""
 
 
-@click.command()
+@click.command(epilog=_EPILOG)
 @click.option("--model", type=click.Choice(["llama", "example"]), default="llama", show_default=True,
               help="'llama': ExecuTorch's own Llama (executorch.examples.models.llama); "
                    "'example': lazykv's bundled small decoder (examples/decoder.py).")
@@ -24,7 +32,8 @@ from lazykv.cli._quiet import fmt_bytes, quiet_third_party
 @click.option("--max-context", type=click.IntRange(min=2), required=True,
               help="Positions the KV cache can hold (its exported upper bound).")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
-              help="Longest prompt chunk one call accepts (default: 128 for llama, 64 for example).")
+              help="Longest prompt chunk one call accepts, at most --max-context (default: "
+                   "128 for llama, 64 for example, capped at --max-context).")
 @click.option("--lazy-kv-cache", is_flag=True,
               help="Mark the KV cache DYNAMIC_UNBOUND and leave it out of memory planning, "
                    "after proving nothing reads past the filled prefix. Run the result with "
@@ -40,8 +49,9 @@ from lazykv.cli._quiet import fmt_bytes, quiet_third_party
               help="With several methods: accept the same FQN holding different bytes "
                    "(each method keeps its own copy) instead of failing the export.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
-@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, writable=True),
-              required=True, help="Where to write the .pte.")
+@click.option("-o", "--output", "output", type=click.Path(), required=True,
+              help="Where to write the .pte: a new or regular file (written atomically); "
+                   "missing folders are created.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @click.pass_context
 def export(ctx, model, preset, n_layers, dim, n_heads, n_kv_heads, vocab_size, max_context,
@@ -53,6 +63,15 @@ def export(ctx, model, preset, n_layers, dim, n_heads, n_kv_heads, vocab_size, m
     summary line: planned arena bytes, KV bytes at max context, and how many KV buffers
     are lazy.
     """
+    from lazykv.context_limits import resolve_max_seq_len
+    from lazykv.output_path import check_output_path
+
+    # Before any import or work: the output path and the limits (exit code 2).
+    check_output_path(output, "the .pte (-o)")
+    max_seq_len = resolve_max_seq_len(max_context, max_seq_len, model)
+    debug = bool(ctx.obj and ctx.obj.get("debug"))
+    if not debug:
+        silence_import_noise()
     import dataclasses
 
     from lazykv.export import ExportConfig, export_model
@@ -69,8 +88,6 @@ def export(ctx, model, preset, n_layers, dim, n_heads, n_kv_heads, vocab_size, m
             shape = dataclasses.replace(PRESETS[preset or "tiny"], **overrides)
         except ValueError as e:
             raise click.UsageError(str(e))
-    if max_seq_len is None:
-        max_seq_len = min(128 if model == "llama" else 64, max_context)
     cfg = ExportConfig(model=model, max_context=max_context, max_seq_len=max_seq_len, shape=shape,
                        lazy_kv_cache=lazy_kv_cache, xnnpack=xnnpack, seed=seed,
                        methods=tuple(methods.split(",")),
@@ -85,7 +102,7 @@ def export(ctx, model, preset, n_layers, dim, n_heads, n_kv_heads, vocab_size, m
         click.echo(f"exporting {what}, max context {max_context}"
                    f"{', lazy KV cache' if lazy_kv_cache else ''}"
                    f"{', XNNPACK' if xnnpack else ''}, methods {methods} -> {output}", err=True)
-    with quiet_third_party(ctx.obj.get("debug") if ctx.obj else False):
+    with quiet_third_party(debug):
         report = export_model(cfg, output, progress=progress)
     if not quiet:
         click.echo(

@@ -21,7 +21,7 @@ def render(info: dict) -> str:
     mv = info["lazykv_manifest_version"]
     w(f"lazykv manifest: {'version ' + str(mv) if mv else 'none (not exported by lazykv)'}")
     w(f"planned arenas at load: {info['planned_bytes']:,} B ({fmt_bytes(info['planned_bytes'])})"
-      f"  per arena: {[f'{b:,}' for b in info['arena_bytes']]}")
+      f"  per arena: {', '.join(f'{b:,} B' for b in info['arena_bytes']) or 'none'}")
     kv = info["kv_buffers"]
     lazy = [b for b in kv if b["lazy"]]
     w(f"KV cache at max context: {info['kv_bytes_at_max_context']:,} B "
@@ -100,7 +100,8 @@ def inspect(file, as_json):
     memory_estimate{fixed_bytes, weights_bytes, planned_bytes, runtime_bytes,
     kv_bytes_per_position, kv_bytes_per_session_at_max_context, one_session_at_max_context}
     (resident bytes expected once loaded, see lazykv.estimate).
-    Exit code 2 when FILE cannot be read.
+    \b
+    Exit codes: 0 success; 2 FILE cannot be read (missing, truncated, not a .pte).
     """
     from lazykv._light_imports import defer_executorch_package_inits
 

@@ -12,8 +12,10 @@ most of a ``lazykv check`` without ``--runs`` (seconds), which needs none of it.
 :func:`defer_executorch_package_inits` registers those packages *before* their
 ``__init__`` runs. Submodules then import normally; the first access to anything else
 (``from executorch.exir import to_edge``) runs the real ``__init__`` in the same module
-object, so later users see the normal package. Only for commands that read ``.pte``
-files (``check`` without ``--runs``, ``inspect``): library code never calls it.
+object, so later users see the normal package. Called by commands that read ``.pte``
+files (``check`` without ``--runs``, ``inspect``) and by ``lazykv.runtime_shim`` when it
+is imported (the shim needs only the torch-free submodules; without this, importing it
+pulled in the export stack and torchao: seconds, and warnings about CUDA kernels).
 """
 
 from __future__ import annotations

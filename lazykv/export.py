@@ -27,8 +27,12 @@ from typing import Callable, Optional
 
 import torch
 
+from lazykv import disk_cache
+from lazykv.context_limits import resolve_max_seq_len
+from lazykv.disk_cache import cache_dir  # the one cache folder (checkpoints live there)
 from lazykv.errors import LazyKVError
 from lazykv.models.llama import PRESETS, LlamaShape, write_random_checkpoint
+from lazykv.output_path import OutputPathError, atomic_write, check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +41,6 @@ MODELS = ("llama", "example")
 METHOD_SETS = (("forward",), ("prefill", "decode"))
 
 ProgressFn = Callable[[str, float], None]
-
-
-def cache_dir() -> Path:
-    """Where lazykv keeps generated checkpoints and rewritten programs.
-
-    ``$LAZYKV_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/lazykv`` or ``~/.cache/lazykv``.
-    """
-    env = os.environ.get("LAZYKV_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lazykv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +54,9 @@ class ExportConfig:
 
     model: str = "llama"
     max_context: int = 4096
-    max_seq_len: int = 128
+    #: Longest prompt chunk per call; None: the model's default capped at max_context
+    #: (the rule of :mod:`lazykv.context_limits`).
+    max_seq_len: Optional[int] = None
     shape: Optional[LlamaShape] = None
     example_config: Optional[object] = None
     lazy_kv_cache: bool = False
@@ -82,13 +76,9 @@ class ExportConfig:
                 f"--methods {','.join(self.methods)}: choose one of "
                 f"{[','.join(m) for m in METHOD_SETS]}"
             )
-        if self.max_context < 2:
-            raise LazyKVError(f"--max-context must be at least 2, got {self.max_context}")
-        if not 1 <= self.max_seq_len <= self.max_context:
-            raise LazyKVError(
-                f"max sequence length {self.max_seq_len} must be between 1 and the max "
-                f"context {self.max_context}"
-            )
+        object.__setattr__(
+            self, "max_seq_len", resolve_max_seq_len(self.max_context, self.max_seq_len, self.model)
+        )
 
     @property
     def llama_shape(self) -> LlamaShape:
@@ -182,13 +172,23 @@ def checkpoint_for(shape: LlamaShape, seed: int) -> tuple[Path, Path]:
     d = cache_dir() / "checkpoints" / key
     params, ckpt = d / "params.json", d / "checkpoint.pth"
     if not (params.exists() and ckpt.exists()):
-        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-        write_random_checkpoint(shape, tmp, seed=seed)
-        tmp.replace(d) if not d.exists() else None
-        if tmp.exists():  # another process won the race
-            import shutil
+        import shutil
 
-            shutil.rmtree(tmp, ignore_errors=True)
+        disk_cache.ensure_writable(d.parent)
+        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+        try:
+            write_random_checkpoint(shape, tmp, seed=seed)
+            tmp.replace(d) if not d.exists() else None
+        except OSError as e:  # e.g. a full disk: no half-written checkpoint is left
+            raise OutputPathError(
+                f"cannot write a random checkpoint to lazykv's cache folder {d.parent}: "
+                f"{e.strerror or e}; {disk_cache.FIX}"
+            ) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # left only if another process won the race
+        disk_cache.evict(keep=(key,))  # the cache stays under its cap
+    else:
+        disk_cache.touch(d)  # used now (least-recently-used eviction)
     return params, ckpt
 
 
@@ -219,9 +219,7 @@ def _example_model(cfg: ExportConfig):
     from lazykv.examples.decoder import DecoderConfig, build_example_decoder
 
     base = cfg.example_config or DecoderConfig()
-    dc = dataclasses.replace(
-        base, max_context=cfg.max_context, max_seq_len=min(base.max_seq_len, cfg.max_context)
-    )
+    dc = dataclasses.replace(base, max_context=cfg.max_context, max_seq_len=cfg.max_seq_len)
     return build_example_decoder(dc, seed=cfg.seed)
 
 
@@ -369,16 +367,14 @@ def export_model(
 ) -> ExportReport:
     """Export ``cfg`` to the ``.pte`` file ``out`` and report what it holds.
 
-    The file is written to a temporary name and renamed, so ``out`` is either the
-    complete new program or untouched. ``progress(stage, seconds)`` is called after each
-    stage of :data:`STAGES`.
+    ``out`` is checked before any work (:func:`lazykv.output_path.check_output_path`:
+    a regular file or nothing, in a writable folder) and written atomically, so it is
+    either the complete new program or untouched. ``progress(stage, seconds)`` is called
+    after each stage of :data:`STAGES`.
     """
     from lazykv.inspect import inspect_pte
 
-    out = Path(out)
-    if out.exists() and out.is_dir():
-        raise LazyKVError(f"-o {out}: is a directory; give a file name ending in .pte")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output_path(out, "the .pte (-o)")
     stages = _Stages(progress)
     if cfg.model == "llama":
         et = _export_llama(cfg, stages)
@@ -386,10 +382,8 @@ def export_model(
         et = _export_example(cfg, stages)
 
     def serialize():
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_write(out, "the .pte (-o)") as f:
             et.write_to_file(f)
-        tmp.replace(out)
 
     stages.run("serialize", serialize)
     sizes = list(et.executorch_program.execution_plan[0].non_const_buffer_sizes)

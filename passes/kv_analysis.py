@@ -43,7 +43,8 @@ from lazykv.manifest import DTYPE_BYTES, FillRule
 FULL_READ_FIX = (
     "export with llama::custom_sdpa without an attention mask (ExecuTorch Llama: "
     "use_sdpa_with_kv_cache=True, i.e. model.use_sdpa_with_kv_cache=True in export_llm), "
-    "or export without --lazy-kv-cache / leave this buffer out of `buffers=`"
+    "or export it static (plain `to_executorch`; on the command line, without "
+    "--lazy-kv-cache) / leave this buffer out of `buffers=`"
 )
 
 
@@ -502,8 +503,9 @@ def _analyze_buffer(m: _Method, fqn: str, ph: Node, explicit: bool):
         if w.why_not:
             raise ExportRefused(
                 f"{where} is written by {_describe(w.node)} but {w.why_not}: a lazy cache "
-                f"needs writes that fill a growing prefix. Export without --lazy-kv-cache "
-                f"or leave this buffer out of `buffers=`."
+                f"needs writes that fill a growing prefix. Export it static (plain "
+                f"`to_executorch`; on the command line, without --lazy-kv-cache) or leave "
+                f"this buffer out of `buffers=`."
             )
     axes = {w.growth_axis for w in writes}
     if len(axes) != 1:

@@ -124,11 +124,11 @@ class LazyKVProgramState:
         if self.require_kv and not buffers:
             seen = {f: r for a in self.analyses.values() for f, r in a.kept.items()}
             raise ExportRefused(
-                "--lazy-kv-cache: no position-indexed KV cache was found in methods "
+                "lazy KV cache requested, but no position-indexed KV cache was found in methods "
                 f"{list(self.analyses)} (mutable buffers seen: "
                 f"{ {f: r for f, r in seen.items()} or 'none'}). A KV cache is a mutable buffer "
                 "written at a position along one axis, e.g. by llama::update_cache. Export "
-                "without --lazy-kv-cache."
+                "it static (plain `to_executorch`; on the command line, without --lazy-kv-cache)."
             )
         manifest = Manifest(
             lazy_buffers=tuple(buffers.values()),

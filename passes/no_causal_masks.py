@@ -115,5 +115,6 @@ class no_causal_masks(TorchFunctionMode):
                 f"whole KV cache, so the cache cannot be lazy and no_causal_masks() cannot "
                 f"keep the N x N mask off the heap. Fix: export with llama::custom_sdpa "
                 f"without a mask (ExecuTorch Llama: use_sdpa_with_kv_cache=True), or export "
-                f"without --lazy-kv-cache (and without no_causal_masks)."
+                f"it static without no_causal_masks (plain `to_executorch`; on the command "
+                f"line, without --lazy-kv-cache)."
             )

@@ -21,8 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -39,8 +37,11 @@ from executorch.exir.schema import (
     TensorShapeDynamism,
 )
 
+from lazykv import disk_cache
+from lazykv.disk_cache import cache_dir as default_cache_dir  # the one cache folder
 from lazykv.errors import InvalidProgram
 from lazykv.manifest import Manifest
+from lazykv.output_path import atomic_write
 from lazykv.pte_file import PteFile
 
 logger = logging.getLogger(__name__)
@@ -61,15 +62,6 @@ class BoundMethod:
     name: str
     user_inputs: int
     kv_fqns: Tuple[str, ...]
-
-
-def default_cache_dir() -> Path:
-    """``$LAZYKV_CACHE_DIR``, else ``$XDG_CACHE_HOME/lazykv``, else ``~/.cache/lazykv``."""
-    env = os.environ.get("LAZYKV_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lazykv"
 
 
 def _lazy_tensors(program: Program, plan_index: int) -> Dict[int, Tensor]:
@@ -224,30 +216,18 @@ def write_with_segments(
 ) -> None:
     """Write ``region`` + the source's segment bytes (file-to-file copy) + ``extra``."""
     region = _patch_segment_size(region, seg_len + len(extra)) if (seg_len or extra) else region
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=str(dest.parent))
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(region)
-            out.flush()
-            if seg_len:
-                if src_path is not None:
-                    with open(src_path, "rb") as src:
-                        _copy_range(src, out, seg_start, seg_len)
-                else:
-                    out.write(memoryview(src_data)[seg_start : seg_start + seg_len])
-            if extra:
-                out.write(extra)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # A temporary file renamed over dest when complete, removed on any failure.
+    with atomic_write(dest, "the rebound program", fix=disk_cache.FIX) as out:
+        out.write(region)
+        out.flush()
+        if seg_len:
+            if src_path is not None:
+                with open(src_path, "rb") as src:
+                    _copy_range(src, out, seg_start, seg_len)
+            else:
+                out.write(memoryview(src_data)[seg_start : seg_start + seg_len])
+        if extra:
+            out.write(extra)
 
 
 def _copy_range(src, out, start: int, length: int) -> None:

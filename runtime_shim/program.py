@@ -23,6 +23,7 @@ from executorch.exir.schema import (
     TensorShapeDynamism,
 )
 
+from lazykv import disk_cache
 from lazykv.errors import (
     InvalidInput,
     LazyKVError,
@@ -31,6 +32,8 @@ from lazykv.errors import (
     runtime_error,
 )
 from lazykv.manifest import LazyBuffer, Manifest
+from lazykv.output_path import write_bytes
+from lazykv.units import parse_size
 from lazykv.pte_file import MethodLimits, PteFile, open_pte, preflight
 from lazykv.runtime_shim import binding
 from lazykv.runtime_shim.allocator import DynamicAllocator, TorchAllocator
@@ -147,11 +150,12 @@ class LazyProgram:
     ) -> None:
         t0 = time.perf_counter()
         self.policy: GrowthPolicy = parse_policy(policy)
-        if max_bytes is not None and int(max_bytes) < 0:
-            raise InvalidInput(f"max_bytes must be >= 0 bytes, got {max_bytes}")
-        self.max_bytes: Optional[int] = None if max_bytes is None else int(max_bytes)
+        # Bytes, or a size string ("64MiB", "64MB"): lazykv.units, like every size.
+        self.max_bytes: Optional[int] = None if max_bytes is None else parse_size(max_bytes, "max_bytes")
         self.allocator: DynamicAllocator = allocator or TorchAllocator()
-        cache_dir = Path(cache_dir) if cache_dir is not None else binding.default_cache_dir()
+        # The one cache folder, bounded (lazykv.disk_cache); a temporary one when it is off.
+        cache = disk_cache.LoadCache(cache_dir)
+        cache_dir = cache.dir
 
         if isinstance(source, (bytes, bytearray, memoryview)):
             src_path, data = None, bytes(source)
@@ -251,10 +255,7 @@ class LazyProgram:
             # Never hand the runtime bytes (it keeps an anonymous copy): cache a file.
             dest = cache_dir / f"{self.digest}.pte"
             if not dest.exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, dest)
+                write_bytes(dest, data, "the program's file copy", fix=disk_cache.FIX)
             run_path = str(dest)
         else:
             run_path = src_path
@@ -266,6 +267,7 @@ class LazyProgram:
             self._et_program = _runtime().load_program(run_path)
         except RuntimeError as e:
             raise runtime_error(e, f"{self.source}: loading the program") from None
+        cache.done(self.digest)  # mark used, evict over the cap (the runtime holds the file)
         self._loaded: Dict[str, Any] = {}
         # One lock per program: loading a method and every execute (the runtime's
         # planned arenas are shared by all methods of a program, DESIGN fact 6).
@@ -288,6 +290,12 @@ class LazyProgram:
                     self._method(name)
         self.buffers: Tuple[LazyBuffer, ...] = self.manifest.lazy_buffers if lazy else ()
         self.lazy = lazy
+        if lazy and self.max_bytes is not None and self.max_bytes < self.bytes_per_position:
+            raise InvalidInput(
+                f"max_bytes={self.max_bytes:,} cannot hold one position of KV storage "
+                f"({self.bytes_per_position:,} bytes each in {self.source}); raise it to at "
+                f"least {self.bytes_per_position:,} or leave it unset"
+            )
         self._dtypes = {b.fqn: _MANIFEST_DTYPES[b.dtype] for b in self.buffers}
         self._fill_plans: Dict[str, Tuple[Any, int]] = {}
         self.load_seconds = time.perf_counter() - t0
@@ -541,9 +549,12 @@ def load(
     """Load a ``.pte`` (lazy or not) on the stock ExecuTorch runtime.
 
     ``policy``: a :class:`GrowthPolicy` or its string (``doubling``, ``step:256``,
-    ``hybrid``, ``preallocate``). ``max_bytes``: cap on each session's KV storage.
-    A lazy program's rebound copy is written once to ``cache_dir`` (default
-    ``~/.cache/lazykv``, or ``$LAZYKV_CACHE_DIR``), keyed by the source's sha256.
+    ``hybrid``, ``preallocate``). ``max_bytes``: cap on each session's KV storage, in
+    bytes or as a size string (``"64MiB"``, ``"64MB"``: :func:`lazykv.units.parse_size`);
+    below one position's bytes it is refused (:class:`InvalidInput`).
+    A lazy program's rebound copy is written once to ``cache_dir`` (default: lazykv's
+    cache folder, :mod:`lazykv.disk_cache`: ``$LAZYKV_CACHE_DIR`` or ``~/.cache/lazykv``,
+    bounded by ``$LAZYKV_CACHE_MAX_BYTES``), keyed by the source's sha256.
     ``weight_cache``: XNNPACK's weight cache (:mod:`lazykv.runtime_shim.weight_cache`)
     while this program's methods load. None (default): on for programs with several
     methods (their weights are then resident once), untouched for one method. True/False

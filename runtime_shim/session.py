@@ -31,6 +31,7 @@ from lazykv.errors import (
     SessionClosed,
     SessionFileError,
 )
+from lazykv.output_path import atomic_write, check_output_path
 from lazykv.runtime_shim.allocator import TrackingAllocator
 from lazykv.runtime_shim.fast_call import FastCall
 
@@ -53,9 +54,11 @@ class SessionStats:
     """A snapshot of a session's KV storage (bytes are of the lazy buffers only).
 
     ``grow_events`` counts buffer allocations and enlargements (one per buffer: a
-    session of 8 buffers growing once adds 8); ``peak_bytes`` includes the transient of
-    a grow (old and new storage of one buffer alive together); ``bytes_copied`` is the
-    prefix data moved by grows and shrinks, and copied in by :meth:`Session.fork`.
+    session of 8 buffers growing once adds 8); ``grows`` counts enlargements of the
+    session's storage (all its buffers at once count once); ``peak_bytes`` includes the
+    transient of a grow (old and new storage of one buffer alive together);
+    ``bytes_copied`` is the prefix data moved by grows and shrinks, and copied in by
+    :meth:`Session.fork`.
     """
 
     current_bytes: int
@@ -69,6 +72,7 @@ class SessionStats:
     bytes_per_position: int
     allocations: int
     frees: int
+    grows: int = 0
 
     @property
     def ideal_bytes(self) -> int:
@@ -103,6 +107,7 @@ class Session:
         self._kv: Dict[str, Optional[torch.Tensor]] = {b.fqn: None for b in program.buffers}
         self._filled = 0
         self._capacity = 0  # min positions over the lazy buffers; kept by _resize
+        self._grows = 0  # storage enlargements (all buffers together count once)
         # method -> FastCall (or None: not eligible); dropped whenever the storage changes.
         self._fast: Dict[str, Optional[FastCall]] = {}
         self._closed = False
@@ -119,6 +124,7 @@ class Session:
         if program.lazy and initial and _allocate:
             self._check_budget(initial, initial)
             self._resize(initial)
+            self._grows += 1
 
     # -- mlx-lm style surface ----------------------------------------------------------
 
@@ -172,6 +178,7 @@ class Session:
             bytes_per_position=self.program.bytes_per_position,
             allocations=a.allocations,
             frees=a.frees,
+            grows=self._grows,
         )
 
     @property
@@ -300,11 +307,7 @@ class Session:
         if length < 1:
             raise InvalidInput(f"{method}: input {len_i} holds no positions (length 0)")
         if pos != self._filled:
-            raise InvalidInput(
-                f"{method}: call starts at position {pos} but this session has filled "
-                f"{self._filled}; positions must continue at {self._filled} (no gaps). To go "
-                f"back, trim({self._filled - pos if pos < self._filled else 0}) or reset() first"
-            )
+            raise InvalidInput(f"{method}: {_position_advice(pos, self._filled)}")
         need = pos + length
         if bound is not None and need > bound:
             raise ContextOverflow(
@@ -341,6 +344,7 @@ class Session:
         target = max(min(max(target, cap), bound), need)
         target = self._check_budget(need, target)
         self._resize(target)
+        self._grows += 1
 
     def _resize(self, positions: int) -> None:
         """Every lazy buffer to ``positions`` (clamped to its bound), one at a time."""
@@ -415,10 +419,25 @@ class Session:
 
     @_locked
     def trim(self, n: int) -> Freed:
-        """Drop the last ``n`` positions (clamped to those filled) and shrink the storage
-        to what the policy holds for the rest (new, smaller tensors). Returns what was freed."""
+        """Drop the last ``n`` positions and shrink the storage to what the policy holds
+        for the rest (new, smaller tensors). Returns what was freed.
+
+        ``n`` larger than the positions filled drops them all, with a ``UserWarning``
+        saying so; a negative or non-integer ``n`` raises :class:`InvalidInput`."""
         self._check_open()
-        n = max(0, min(self._filled, int(n)))
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidInput(
+                f"trim(n): n is the number of positions to drop, an int >= 0; got {n!r} "
+                f"({self._filled} filled)"
+            )
+        if n > self._filled:
+            import warnings
+
+            warnings.warn(
+                f"trim({n}): only {self._filled} positions are filled; dropped them all",
+                UserWarning, stacklevel=3,
+            )
+            n = self._filled
         before = self.kv_bytes
         self._filled -= n
         if self.program.lazy:
@@ -518,9 +537,12 @@ class Session:
         """Write the filled prefix of every lazy buffer to ``path``; returns bytes written.
 
         The file records the program's sha256; :meth:`LazyProgram.restore` refuses it
-        for any other program.
+        for any other program. ``path`` must be a new or regular file in a writable
+        folder, else :class:`~lazykv.output_path.OutputPathError` (checked before any
+        work); it is replaced atomically.
         """
         self._check_open()
+        check_output_path(path, "the session file")
         prog = self.program
         if not prog.lazy:
             raise LazyKVError(
@@ -559,14 +581,12 @@ class Session:
             },
             sort_keys=True,
         ).encode()
-        path = Path(path)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        # Checked before anything is written; atomic; nothing left behind on failure.
+        with atomic_write(path, "the session file") as f:
             f.write(SESSION_MAGIC + struct.pack("<Q", len(header)) + header)
             for view in prefixes:
                 f.write(view)
             size = f.tell()
-        os.replace(tmp, path)
         return size
 
     @classmethod
@@ -685,6 +705,20 @@ def check_file_header(path, h: dict, program, fmt: str, version: int, what: str)
             f"than {program.source!r} (sha256 {program.digest[:12]}…); load that "
             f"program to read it"
         )
+
+
+def _position_advice(pos: int, filled: int) -> str:
+    """Why a call starting at ``pos`` cannot run in a session with ``filled`` positions,
+    and what to do instead."""
+    if pos < 0:
+        return f"call starts at position {pos}; positions are >= 0 (this session has filled {filled})"
+    if pos > filled:
+        where = "nothing yet" if filled == 0 else f"positions 0..{filled - 1}"
+        return (f"call starts at position {pos} but this session has filled {where}; "
+                f"positions must continue at {filled} (no gaps): start this call at {filled}")
+    return (f"call starts at position {pos} but this session has filled {filled}; positions "
+            f"must continue at {filled}: to redo from position {pos}, call trim({filled - pos}) "
+            f"first (or reset() to start over)")
 
 
 def _describe(info) -> str:

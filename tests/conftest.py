@@ -67,6 +67,13 @@ def example_mm_lazy(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def example_mm_static(tmp_path_factory):
+    """(ExportConfig, ExportReport) of the example decoder with prefill + decode, static KV."""
+    return _export(tmp_path_factory, "example_mm_static", model="example",
+                   max_context=EXAMPLE_CONTEXT, methods=("prefill", "decode"))
+
+
+@pytest.fixture(scope="session")
 def stock_runtime():
     """ExecuTorch's stock Python runtime with the LLM custom ops registered (fact 3)."""
     from executorch.extension.pybindings import portable_lib  # noqa: F401

@@ -8,8 +8,8 @@ Where the library comes from, in order:
 
 1. the one built at install (this folder), if it loads and was compiled against the
    ExecuTorch version installed now;
-2. otherwise one compiled on first use into the user cache folder
-   (``$LAZYKV_CACHE_DIR``, else ``$XDG_CACHE_HOME/lazykv``, else ``~/.cache/lazykv``),
+2. otherwise one compiled on first use into lazykv's cache folder
+   (:func:`lazykv.disk_cache.cache_dir`),
    when a C++ compiler is available (``$CXX``, ``g++``, ``c++``, ``clang++``).
 
 If neither works, :func:`load_helper` raises :class:`NativeUnavailable` whose message
@@ -114,13 +114,11 @@ class NativeHelper:
 
 
 def user_cache_dir() -> Path:
-    """Folder for helpers compiled on first use (created on demand)."""
-    explicit = os.environ.get("LAZYKV_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "lazykv"
+    """Folder for helpers compiled on first use (created on demand): lazykv's cache
+    folder (:func:`lazykv.disk_cache.cache_dir`)."""
+    from lazykv.disk_cache import cache_dir
+
+    return cache_dir()
 
 
 _lock = threading.Lock()
