@@ -503,11 +503,15 @@ def _unmark_groups(m: _Method, caches: Dict[str, KVCache], unmarked: Dict[str, U
     """Buffers read by one node (k, v, their scales and zero points) are lazy together:
     when one of them stays planned, so do the others (one fill rule, grown together)."""
     readers_of: Dict[Node, List[str]] = {}
+
+    def attention(r: Node) -> bool:  # not the output node: it lists every mutated buffer
+        return r.op == "call_function" and op_name(r.target) in _BOUNDED_READERS
+
     for fqn, c in caches.items():
-        for r in c.readers:
+        for r in filter(attention, c.readers):
             readers_of.setdefault(r, []).append(fqn)
     for fqn, u in unmarked.items():
-        for r in u.readers:
+        for r in filter(attention, u.readers):
             readers_of.setdefault(r, []).append(fqn)
     changed = True
     while changed:

@@ -1,0 +1,247 @@
+"""Which of export_llm's models and options get a lazy KV cache: measured, not claimed.
+
+For each (model class, option) of :mod:`lazykv.models.zoo`: export the tiny random
+model twice through export_llm's own path (:func:`lazykv.llm_export.export_llm_pte`),
+static and with ``--lazy-kv-cache``; check that lazykv's validator accepts the static
+program; run the static program on the stock ExecuTorch runtime and the lazy one
+through :mod:`lazykv.runtime_shim` over the same prompt and greedy decode steps, and
+compare every call's logits. The result is one :class:`Cell`: ``lazy`` (every KV cache
+lazy), ``partial`` (some stay planned: ring buffers, masked or cast reads), ``refused``
+(none can be; the reason), with the largest logit difference (0 = bit-identical).
+
+``python -m lazykv.support_table [--out FILE] [--readme README.md]`` runs the whole
+matrix (tens of minutes: two exports per cell) and writes the markdown table; the test
+suite runs a representative subset (``tests/test_export_llm_configs.py``) and the full
+matrix under ``pytest -m support_table``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from lazykv.errors import ExportRefused, LazyKVError
+
+#: (model class, options) rows of the table.
+MATRIX: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("llama3_2", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16", "attention_sink",
+                  "local_global_attention")),
+    ("qwen3_0_6b", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
+    ("qwen2_5_0_5b", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
+    ("phi_4_mini", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
+    ("smollm2", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
+    ("lfm2_350m", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
+    ("qwen3_5_0_8b", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
+)
+
+PROMPT_LEN = 8
+DECODE_STEPS = 20
+
+
+@dataclasses.dataclass
+class Cell:
+    """One (model class, option) outcome."""
+
+    model_class: str
+    option: str
+    status: str  # "lazy", "partial", "refused", "error"
+    lazy_buffers: int = 0
+    unmarked: Dict[str, str] = dataclasses.field(default_factory=dict)  # fqn -> cause
+    reason: str = ""
+    max_abs_diff: Optional[float] = None
+    calls: int = 0
+    static_valid: Optional[bool] = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """The table cell's text."""
+        if self.status == "error":
+            return f"error: {self.reason}"
+        if self.status == "refused":
+            return f"refused: {self.reason}"
+        exact = "bit-exact" if self.max_abs_diff == 0.0 else f"max diff {self.max_abs_diff:g}"
+        text = f"{self.status} ({self.lazy_buffers} lazy"
+        caches = {f: c for f, c in self.unmarked.items() if c != "state"}
+        if caches:
+            causes = sorted(set(caches.values()))
+            text += f", {len(caches)} planned: {', '.join(causes)}"
+        states = [f for f, c in self.unmarked.items() if c == "state"]
+        if states:
+            text += f"; {len(states)} state buffers planned"
+        return text + f"), {exact}"
+
+
+def _inputs(tokens: Sequence[int], pos: int) -> list:
+    return [torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([pos], dtype=torch.long)]
+
+
+def compare_logits(
+    static_path: os.PathLike,
+    lazy_path: os.PathLike,
+    prompt_len: int = PROMPT_LEN,
+    steps: int = DECODE_STEPS,
+) -> Tuple[float, int]:
+    """Run the static program on the stock runtime and the lazy one through the shim,
+    same prompt and greedy steps (tokens chosen by the static program), and return
+    ``(max |difference| over every call's logits, calls)``.
+
+    A method whose token input is static ``[1, 1]`` (export_llm without dynamic shape)
+    is fed the prompt one token per call.
+    """
+    from lazykv import runtime_shim
+    from lazykv.pte_file import open_pte
+    from lazykv.runtime_shim.program import _runtime
+
+    stock = _runtime().load_program(str(static_path)).load_method("forward")
+    prog = runtime_shim.load(str(lazy_path))
+    plan = open_pte(str(static_path)).program
+    forward = next(p for p in plan.execution_plan if p.name == "forward")
+    chunk = int(forward.values[forward.inputs[0]].val.sizes[1])
+    vocab = None
+    gen = torch.Generator().manual_seed(0)
+    worst, calls = 0.0, 0
+    with prog.session() as s:
+        pos = 0
+        vocab = int(prog.constant("get_vocab_size"))
+        prompt = torch.randint(1, vocab, (prompt_len,), generator=gen).tolist()
+        feed = [prompt[i:i + chunk] for i in range(0, len(prompt), chunk)] if chunk < prompt_len else [prompt]
+        logits = None
+        for part in feed:
+            a = stock.execute(_inputs(part, pos))[0].clone()
+            b = s.run("forward", _inputs(part, pos))[0]
+            worst = max(worst, float((a.float() - b.float()).abs().max()))
+            calls += 1
+            pos += len(part)
+            logits = a
+        for _ in range(steps):
+            tok = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+            a = stock.execute(_inputs([tok], pos))[0].clone()
+            b = s.run("forward", _inputs([tok], pos))[0]
+            worst = max(worst, float((a.float() - b.float()).abs().max()))
+            calls += 1
+            pos += 1
+            logits = a
+    return worst, calls
+
+
+def evaluate(
+    model_class: str,
+    option: str,
+    work_dir: os.PathLike,
+    extra_overrides: Sequence[str] = (),
+) -> Cell:
+    """Export ``model_class`` with ``option`` static and lazy and compare them (module
+    docstring). Exports are written under ``work_dir`` (reused when present)."""
+    from lazykv.inspect import inspect_pte
+    from lazykv.llm_config import load_llm_config
+    from lazykv.llm_export import export_llm_pte
+    from lazykv.models import zoo
+    from lazykv.passes import LazyKVConfig
+    from lazykv.pte_file import preflight
+
+    t0 = time.perf_counter()
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    overrides = zoo.tiny_overrides(model_class, option, work) + list(extra_overrides)
+    cfg = load_llm_config(zoo.shipped_config(model_class), overrides)
+    tag = f"{model_class}-{option}" + ("-" + str(abs(hash(tuple(extra_overrides))))[:8] if extra_overrides else "")
+    static, lazy = work / f"{tag}-static.pte", work / f"{tag}-lazy.pte"
+    cell = Cell(model_class, option, "error")
+    try:
+        if not static.exists():
+            export_llm_pte(cfg, static)
+        preflight(str(static))
+        cell.static_valid = True
+        if not lazy.exists():
+            export_llm_pte(cfg, lazy, lazy=LazyKVConfig())
+    except ExportRefused as e:
+        cell.status, cell.reason = "refused", str(e)
+        cell.seconds = time.perf_counter() - t0
+        return cell
+    except LazyKVError as e:
+        cell.reason = f"{type(e).__name__}: {e}"
+        cell.seconds = time.perf_counter() - t0
+        return cell
+    info = inspect_pte(lazy)
+    manifest = info["manifest"] or {}
+    cell.lazy_buffers = len(manifest.get("lazy_buffers", ()))
+    cell.unmarked = {u["fqn"]: u["cause"] for u in manifest.get("unmarked_buffers", ())}
+    planned_caches = [c for c in cell.unmarked.values() if c != "state"]
+    cell.status = "partial" if planned_caches else "lazy"
+    cell.max_abs_diff, cell.calls = compare_logits(static, lazy)
+    cell.seconds = time.perf_counter() - t0
+    return cell
+
+
+def markdown(cells: Iterable[Cell]) -> str:
+    """The support table: one row per model class, one column per option."""
+    cells = list(cells)
+    options: List[str] = []
+    for c in cells:
+        if c.option not in options:
+            options.append(c.option)
+    rows: Dict[str, Dict[str, Cell]] = {}
+    for c in cells:
+        rows.setdefault(c.model_class, {})[c.option] = c
+    lines = [
+        "| model class | " + " | ".join(f"`{o}`" for o in options) + " |",
+        "|---|" + "---|" * len(options),
+    ]
+    for mc, by_opt in rows.items():
+        texts = []
+        for o in options:
+            c = by_opt.get(o)
+            texts.append("" if c is None else _short(c))
+        lines.append(f"| `{mc}` | " + " | ".join(texts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(c: Cell) -> str:
+    if c.status == "refused":
+        cause = _refusal_cause(c.reason)
+        return f"refused ({cause})"
+    if c.status == "error":
+        return "error"
+    return c.summary().replace("|", "/")
+
+
+def _refusal_cause(reason: str) -> str:
+    for key, text in (("float16", "fp16 cast: use fp32 or bf16"), ("ring buffer", "ring buffers only"),
+                      ("attention mask", "masked reads"), ("dequantiz", "dequantized reads")):
+        if key in reason:
+            return text
+    return reason[:80]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line: run the matrix (or ``--only MODEL:OPTION ...``) and print/write it."""
+    ap = argparse.ArgumentParser(prog="python -m lazykv.support_table")
+    ap.add_argument("--work-dir", default="build/support-table")
+    ap.add_argument("--out", help="write the markdown table here")
+    ap.add_argument("--only", nargs="*", help="cells MODEL:OPTION to run (default: all)")
+    args = ap.parse_args(argv)
+    wanted = None if not args.only else {tuple(x.split(":", 1)) for x in args.only}
+    cells = []
+    for mc, options in MATRIX:
+        for opt in options:
+            if wanted is not None and (mc, opt) not in wanted:
+                continue
+            cell = evaluate(mc, opt, args.work_dir)
+            print(f"{mc:14s} {opt:24s} {cell.seconds:6.0f} s  {cell.summary()}", flush=True)
+            cells.append(cell)
+    table = markdown(cells)
+    if args.out:
+        Path(args.out).write_text(table)
+    print(table)
+    return 0 if all(c.status != "error" for c in cells) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
