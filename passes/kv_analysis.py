@@ -724,7 +724,7 @@ _ARG_NAMES = {
     "llama::custom_quantized_sdpa": ("query", "start_pos", "attn_mask"),
     "llama::sdpa_with_kv_cache": ("query", "start_pos", "attn_mask"),
 }
-_CASTS = {"aten::_to_copy", "dim_order_ops::_to_dim_order_copy", "aten::to"}
+_CASTS = {"aten::_to", "aten::to", "dim_order_ops::_to_dim_order_copy", "dim_order_ops::_to_dim_order"}
 _READ_VIEWS = _VIEWS | {
     "aten::expand", "aten::permute", "aten::transpose", "aten::t", "aten::contiguous",
     "aten::alias", "aten::detach", "view",
