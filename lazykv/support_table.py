@@ -220,22 +220,66 @@ def _refusal_cause(reason: str) -> str:
     return reason[:80]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command line: run the matrix (or ``--only MODEL:OPTION ...``) and print/write it."""
-    ap = argparse.ArgumentParser(prog="python -m lazykv.support_table")
-    ap.add_argument("--work-dir", default="build/support-table")
-    ap.add_argument("--out", help="write the markdown table here")
-    ap.add_argument("--only", nargs="*", help="cells MODEL:OPTION to run (default: all)")
-    args = ap.parse_args(argv)
-    wanted = None if not args.only else {tuple(x.split(":", 1)) for x in args.only}
+README_START = "<!-- support-table:start -->"
+README_END = "<!-- support-table:end -->"
+
+
+def run_matrix(
+    work_dir: os.PathLike,
+    only: Optional[Iterable[Tuple[str, str]]] = None,
+    readme: Optional[os.PathLike] = None,
+    echo=print,
+) -> List[Cell]:
+    """Evaluate every cell of :data:`MATRIX` (or those in ``only``); with ``readme``,
+    rewrite the table between :data:`README_START` and :data:`README_END` there."""
+    wanted = None if only is None else set(only)
     cells = []
     for mc, options in MATRIX:
         for opt in options:
             if wanted is not None and (mc, opt) not in wanted:
                 continue
-            cell = evaluate(mc, opt, args.work_dir)
-            print(f"{mc:14s} {opt:24s} {cell.seconds:6.0f} s  {cell.summary()}", flush=True)
+            cell = evaluate(mc, opt, work_dir)
+            echo(f"{mc:14s} {opt:24s} {cell.seconds:6.0f} s  {cell.summary()}")
             cells.append(cell)
+    if readme is not None:
+        write_readme(readme, cells)
+    return cells
+
+
+def write_readme(readme: os.PathLike, cells: Sequence[Cell]) -> None:
+    """Replace the support-table block of ``readme`` with the table of ``cells``."""
+    text = Path(readme).read_text()
+    if README_START not in text or README_END not in text:
+        raise LazyKVError(f"{readme}: no {README_START} ... {README_END} block to rewrite")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    import datetime
+
+    import executorch
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    block = (
+        f"{README_START}\n<!-- written by `python -m lazykv.support_table --readme README.md` "
+        f"(lazykv/support_table.py); edits here are overwritten -->\n\n"
+        f"Measured {stamp}, executorch {getattr(executorch, '__version__', '1.5.1')}: each "
+        f"cell is the tiny random model of that class (lazykv/models/zoo.py) exported with "
+        f"the shipped configuration plus the option, static and with `--lazy-kv-cache`; "
+        f"the lazy program through the shim and the static one on the stock runtime, "
+        f"{PROMPT_LEN}-token prompt + {DECODE_STEPS} greedy steps, every call's logits "
+        f"compared.\n\n{markdown(cells)}\n{README_END}"
+    )
+    Path(readme).write_text(head + block + tail)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line: run the matrix (or ``--only MODEL:OPTION ...``) and print/write it."""
+    ap = argparse.ArgumentParser(prog="python -m lazykv.support_table")
+    ap.add_argument("--work-dir", default="build/support-table")
+    ap.add_argument("--out", help="write the markdown table here")
+    ap.add_argument("--readme", help="rewrite the support-table block of this README")
+    ap.add_argument("--only", nargs="*", help="cells MODEL:OPTION to run (default: all)")
+    args = ap.parse_args(argv)
+    only = None if not args.only else [tuple(x.split(":", 1)) for x in args.only]
+    cells = run_matrix(args.work_dir, only, args.readme, echo=lambda s: print(s, flush=True))
     table = markdown(cells)
     if args.out:
         Path(args.out).write_text(table)

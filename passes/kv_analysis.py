@@ -627,9 +627,9 @@ def _analyze_buffer(m: _Method, fqn: str, ph: Node, explicit: bool):
                 f"is written by {_describe(w.node)} but {w.why_not}; its "
                 f"{_static(val.shape[w.growth_axis or 0])} positions are bounded by the window, "
                 f"not the max context, and every slot is read once the window wraps",
-                "none needed, it stays planned (without --strict the other caches are still "
-                "lazy); to make it lazy, export without model.use_attention_sink and "
-                "model.local_global_attention",
+                "to make it lazy, export without model.use_attention_sink and "
+                "model.local_global_attention; otherwise it simply stays planned (without "
+                "--strict the other caches are still lazy)",
             )
     axes = {w.growth_axis for w in writes}
     if len(axes) != 1:
@@ -651,9 +651,9 @@ def _analyze_buffer(m: _Method, fqn: str, ph: Node, explicit: bool):
                 "ring",
                 f"is written by {_describe(writes[0].node)} at indices that are computed "
                 f"({fill_error}), a ring buffer or scatter, not a growing prefix",
-                "none needed, it stays planned; a lazy cache is written at a position taken "
-                "from a method input (llama::update_cache, ExecuTorch Llama: "
-                "model.use_sdpa_with_kv_cache=True)",
+                "to make it lazy, write it at a position taken from a method input "
+                "(llama::update_cache, ExecuTorch Llama: model.use_sdpa_with_kv_cache=True); "
+                "otherwise it simply stays planned",
             )
     else:
         fill_error = None

@@ -165,7 +165,8 @@ class LazyKVProgramState:
                 same = [u.fqn for u in caches[1:] if u.cause == first.cause]
                 other = [f"{u.fqn} ({u.cause})" for u in caches[1:] if u.cause != first.cause]
                 raise ExportRefused(
-                    "--lazy-kv-cache: no KV cache can be lazy. "
+                    "--lazy-kv-cache: no KV cache can be lazy, so the program would not "
+                    "change (export without --lazy-kv-cache for the static one). "
                     f"Buffer {first.fqn!r} (method {first.methods[0]!r}) {first.reason}. "
                     f"Fix: {first.fix}."
                     + (f" The same holds for {same}." if same else "")

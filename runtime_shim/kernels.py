@@ -100,11 +100,13 @@ def program_operators(path: str) -> List[str]:
         pte.close()
 
 
-def missing_kernels_error(path: str, context: str) -> Optional[MissingKernels]:
-    """A :class:`MissingKernels` naming the operators of program ``path`` that have no
-    kernel here and the library that provides each (or that none of the installed
-    ExecuTorch does); None if every operator has a kernel."""
-    missing = missing_operators(program_operators(path))
+def missing_kernels_error(
+    path: Optional[str], context: str, operators: Optional[Iterable[str]] = None
+) -> Optional[MissingKernels]:
+    """A :class:`MissingKernels` naming the operators of program ``path`` (or the given
+    ``operators``) that have no kernel here and the library that provides each (or that
+    none of the installed ExecuTorch does); None if every operator has a kernel."""
+    missing = missing_operators(program_operators(path) if operators is None else operators)
     if not missing:
         return None
     parts = []

@@ -91,6 +91,7 @@ SHIPPED_CONFIGS: Dict[str, str] = {
 #: Export options as export_llm overrides, applied after the shipped file's settings.
 #: ``fp32``: weights and caches in float32, no quantization.
 OPTIONS: Dict[str, Tuple[str, ...]] = {
+    "shipped": (),  # the file's own quantization and dtype
     "fp32": ("++quantization.qmode=null", "++quantization.embedding_quantize=null",
              "++model.dtype_override=fp32"),
     "8da4w": ("++quantization.qmode=8da4w", "++quantization.group_size=32",
