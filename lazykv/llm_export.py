@@ -103,26 +103,31 @@ def export_llm_pte(
 
 @contextlib.contextmanager
 def _timed_stages(seconds: Dict[str, float], progress: Optional[ProgressFn]):
-    """Time export_llm's LLMEdgeManager steps (and model construction) as stages."""
+    """Time export_llm's LLMEdgeManager steps (and model construction) as stages;
+    ``progress(stage, seconds)`` once per stage, when the next one starts or at the end."""
     from executorch.examples.models.llama import export_llama_lib
     from executorch.extension.llm.export.builder import LLMEdgeManager
 
     depth = [0]
+    current = [None]
+
+    def report_done(upto=None):
+        if current[0] is not None and current[0] != upto and progress:
+            progress(current[0], seconds[current[0]])
 
     def timed(stage, fn):
         def wrapper(*args, **kwargs):
             if depth[0]:
                 return fn(*args, **kwargs)
+            report_done(stage)
+            current[0] = stage
             depth[0] += 1
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 depth[0] -= 1
-                dt = time.perf_counter() - t
-                seconds[stage] = seconds.get(stage, 0.0) + dt
-                if progress:
-                    progress(stage, dt)
+                seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t
 
         return wrapper
 
@@ -136,6 +141,7 @@ def _timed_stages(seconds: Dict[str, float], progress: Optional[ProgressFn]):
                 LLMEdgeManager, name, timed(stage, getattr(LLMEdgeManager, name))
             ))
         yield
+    report_done()
 
 
 @contextlib.contextmanager
