@@ -49,6 +49,17 @@ def _pair(work, model_class, option, extra=NO_XNNPACK):
     return static, lazy
 
 
+def test_validator_accepts_every_static_export(llama_shipped, quantized_kv, qwen3_5,
+                                               local_global, attention_sink_static):
+    """lazykv's validator (run by the shim before any C++ sees a program) accepts every
+    static program export_llm made here, attention sink included."""
+    from lazykv.pte_file import preflight
+
+    for path in (llama_shipped[0], quantized_kv[0], qwen3_5[0], local_global[0],
+                 attention_sink_static):
+        preflight(str(path))
+
+
 def _cli(*args):
     from lazykv.cli.main import cli
 
