@@ -169,7 +169,9 @@ def _lazy_hooks(lazy, cfg):
 
     def prepare_without_masks(llm_config):
         with no_causal_masks(max_context, on_empty=keep.track):
-            return prepare(llm_config)
+            builder = prepare(llm_config)
+        _check_parameters(builder.model, keep, max_context)
+        return builder
 
     inside = threading.local()
     original_to_executorch = EdgeProgramManager.to_executorch
@@ -189,3 +191,23 @@ def _lazy_hooks(lazy, cfg):
         stack.enter_context(_patched(EdgeProgramManager, "to_executorch", to_executorch))
         stack.enter_context(keep)
         yield
+
+
+def _check_parameters(model, keep, max_context: int) -> None:
+    """no_causal_masks() recognises masks and KV caches by their size (the max context):
+    a weight that happens to have that size must not have been taken for one."""
+    import torch
+
+    suspects = list(model.named_parameters()) + [
+        (n, b) for n, b in model.named_buffers()
+        if b.device.type == "meta" and not (b.dtype == torch.bool or b.is_floating_point())
+    ]
+    for name, p in suspects:
+        if p.device.type == "meta" or keep.tracked(p):
+            raise LazyKVError(
+                f"parameter {name!r} {tuple(p.shape)} was created with the size of the max "
+                f"context ({max_context}), which a lazy export reserves for causal masks "
+                f"and KV caches: its values would be lost. Fix: set "
+                f"export.max_context_length to a value that is no dimension of the model's "
+                f"weights (e.g. {max_context + 64})"
+            )

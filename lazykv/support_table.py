@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -33,13 +34,19 @@ from lazykv.errors import ExportRefused, LazyKVError
 MATRIX: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("llama3_2", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16", "attention_sink",
                   "local_global_attention")),
-    ("qwen3_0_6b", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
-    ("qwen2_5_0_5b", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
-    ("phi_4_mini", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
-    ("smollm2", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
-    ("lfm2_350m", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
-    ("qwen3_5_0_8b", ("fp32", "8da4w", "bf16", "quantize_kv_cache", "fp16")),
+    ("qwen3_0_6b", ("8da4w", "bf16", "quantize_kv_cache")),
+    ("qwen2_5_0_5b", ("8da4w", "bf16", "quantize_kv_cache")),
+    ("phi_4_mini", ("8da4w", "bf16", "quantize_kv_cache")),
+    ("smollm2", ("8da4w", "bf16", "quantize_kv_cache")),
+    ("lfm2_350m", ("8da4w", "bf16", "quantize_kv_cache")),
+    ("qwen3_5_0_8b", ("8da4w", "bf16", "quantize_kv_cache", "fp16")),
 )
+
+#: Options exported with XNNPACK (8da4w's quantized linears need it); the others with
+#: ``backend.xnnpack.enabled=False`` to keep the matrix short (the KV caches and their
+#: readers are never delegated either way).
+XNNPACK_OPTIONS = frozenset({"8da4w"})
+NO_XNNPACK = ("++backend.xnnpack.enabled=False",)
 
 PROMPT_LEN = 8
 DECODE_STEPS = 20
@@ -151,7 +158,9 @@ def evaluate(
     work.mkdir(parents=True, exist_ok=True)
     overrides = zoo.tiny_overrides(model_class, option, work) + list(extra_overrides)
     cfg = load_llm_config(zoo.shipped_config(model_class), overrides)
-    tag = f"{model_class}-{option}" + ("-" + str(abs(hash(tuple(extra_overrides))))[:8] if extra_overrides else "")
+    tag = f"{model_class}-{option}"
+    if extra_overrides:  # a name per override set, so cells never reuse another's file
+        tag += "-" + hashlib.sha256(repr(tuple(extra_overrides)).encode()).hexdigest()[:8]
     static, lazy = work / f"{tag}-static.pte", work / f"{tag}-lazy.pte"
     cell = Cell(model_class, option, "error")
     try:
@@ -238,7 +247,8 @@ def run_matrix(
         for opt in options:
             if wanted is not None and (mc, opt) not in wanted:
                 continue
-            cell = evaluate(mc, opt, work_dir)
+            extra = () if opt in XNNPACK_OPTIONS else NO_XNNPACK
+            cell = evaluate(mc, opt, work_dir, extra)
             echo(f"{mc:14s} {opt:24s} {cell.seconds:6.0f} s  {cell.summary()}")
             cells.append(cell)
     if readme is not None:
@@ -262,7 +272,8 @@ def write_readme(readme: os.PathLike, cells: Sequence[Cell]) -> None:
         f"(lazykv/support_table.py); edits here are overwritten -->\n\n"
         f"Measured {stamp}, executorch {getattr(executorch, '__version__', '1.5.1')}: each "
         f"cell is the tiny random model of that class (lazykv/models/zoo.py) exported with "
-        f"the shipped configuration plus the option, static and with `--lazy-kv-cache`; "
+        f"the shipped configuration plus the option (XNNPACK for 8da4w, off otherwise), "
+        f"static and with `--lazy-kv-cache`; "
         f"the lazy program through the shim and the static one on the stock runtime, "
         f"{PROMPT_LEN}-token prompt + {DECODE_STEPS} greedy steps, every call's logits "
         f"compared.\n\n{markdown(cells)}\n{README_END}"
