@@ -521,9 +521,12 @@ def _rule_expect_lazy_kv(p: _Program, rules: Rules) -> RuleResult:
         return r
     for b in kv:
         if not b["lazy"]:
+            why = b.get("planned_because")  # left planned by a lazy export: its reason
             r.failures.append(
                 f"KV buffer {_kv_name(b)} {_shape(b)} {_b(b['nbytes'])} is not lazy: "
                 f"{b['dynamism']}, planned in arena {b['arena']} (methods {', '.join(b['methods'])})"
+                + (f"; the lazy export left it planned ({why['cause']}): {why['reason']}. "
+                   f"Fix: {why['fix']}" if why else "")
             )
         elif b["arena"] is not None:
             r.failures.append(

@@ -102,16 +102,18 @@ def compare_logits(
     A method whose token input is static ``[1, 1]`` (export_llm without dynamic shape)
     is fed the prompt one token per call.
     """
+    from executorch.runtime import Runtime
+
     from lazykv import runtime_shim
     from lazykv.pte_file import open_pte
-    from lazykv.runtime_shim.program import _runtime
+    from lazykv.runtime_shim.kernels import load_kernel_libraries
 
-    stock = _runtime().load_program(str(static_path)).load_method("forward")
+    load_kernel_libraries()  # the stock runtime, with the kernels export_llm's programs call
+    stock = Runtime.get().load_program(str(static_path)).load_method("forward")
     prog = runtime_shim.load(str(lazy_path))
     plan = open_pte(str(static_path)).program
     forward = next(p for p in plan.execution_plan if p.name == "forward")
     chunk = int(forward.values[forward.inputs[0]].val.sizes[1])
-    vocab = None
     gen = torch.Generator().manual_seed(0)
     worst, calls = 0.0, 0
     with prog.session() as s:

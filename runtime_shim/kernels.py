@@ -68,6 +68,8 @@ def registered_operators() -> set:
     """Names (``namespace::op.overload``) of the kernels registered in this process."""
     from executorch.extension.pybindings import portable_lib
 
+    # Private, but the one view of the runtime's kernel registry from Python (the same
+    # list ExecuTorch's own tests read).
     return set(portable_lib._get_operator_names())
 
 
