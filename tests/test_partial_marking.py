@@ -10,6 +10,7 @@ import torch
 from torch.export import Dim, export
 
 import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama:: ops)
+import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed out variants)
 from executorch.exir import to_edge
 
 from lazykv.errors import ExportRefused
@@ -122,3 +123,44 @@ def test_buffers_read_by_one_node_stay_planned_together():
     msg = str(ei.value)
     assert "'v'" in msg and "reads the whole cache" in msg
     assert "k (together)" in msg
+
+
+class CastAndDequantize(torch.nn.Module):
+    """Three caches updated at the input position: ``good`` read by custom SDPA (lazy),
+    ``h16`` (fp16) converted to float32 as a whole before custom SDPA (what
+    ExecuTorch's SDPACustom does for fp16), ``q8`` (int8) dequantized as a whole (a
+    quantized KV cache returning float values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("good", torch.zeros(1, N, H, D))
+        self.register_buffer("h16", torch.zeros(1, N, H, D, dtype=torch.float16))
+        self.register_buffer("q8", torch.zeros(1, N, H, D, dtype=torch.int8))
+        self.q = torch.nn.Linear(E, E)
+
+    def forward(self, x, input_pos):
+        from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401
+
+        pos = input_pos[0].item()
+        s = x.shape[1]
+        q = self.q(x).view(1, s, H, D)
+        torch.ops.llama.update_cache(q, self.good, pos)
+        torch.ops.llama.update_cache(q.half(), self.h16, pos)
+        torch.ops.llama.update_cache(q.to(torch.int8), self.q8, pos)
+        deq = torch.ops.quantized_decomposed.dequantize_per_tensor(
+            self.q8, 0.1, 0, -128, 127, torch.int8)
+        a = torch.ops.llama.custom_sdpa(q, self.good, self.h16.to(torch.float32), pos, None, 0, True)
+        return a.view(1, s, E) + deq.sum()
+
+
+def test_each_refusal_names_the_fix_of_its_cause():
+    m = open_pte(to_executorch_lazy(_edge(CastAndDequantize())).buffer).manifest
+    assert [b.fqn for b in m.lazy_buffers] == ["good"]
+    planned = {u.fqn: u for u in m.unmarked_buffers}
+    assert planned["h16"].cause == "cast"
+    assert "float16 to torch.float32" in planned["h16"].reason
+    assert "dtype_override=fp32 or bf16" in planned["h16"].fix
+    assert planned["q8"].cause == "dequantize"
+    assert "custom_quantized_sdpa" in planned["q8"].fix
+    for u in planned.values():
+        assert "use_sdpa_with_kv_cache=True, i.e." not in u.fix  # not the generic fix
