@@ -13,6 +13,7 @@ that through Hydra's compose API, so a configuration means here what it means to
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -65,7 +66,11 @@ def load_llm_config(config_file: Optional[os.PathLike], overrides: Sequence[str]
     if GlobalHydra.instance().is_initialized():  # pragma: no cover - another caller's state
         GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=config_dir or os.getcwd(), version_base=None):
+        # Without a file, compose LlmConfig's node from an empty directory (a file called
+        # llm_config.yaml in the working directory must not be picked up instead).
+        with tempfile.TemporaryDirectory() as empty, initialize_config_dir(
+            config_dir=config_dir or empty, version_base=None
+        ):
             cfg = compose(config_name=config_name, overrides=overrides)
         merged = OmegaConf.merge(OmegaConf.structured(LlmConfig), cfg)
         return OmegaConf.to_object(merged)

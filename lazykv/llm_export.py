@@ -186,6 +186,9 @@ def _lazy_hooks(lazy, cfg):
             inside.active = False
 
     with contextlib.ExitStack() as stack:
+        # Private, but the one function of export_llm that builds the model and applies
+        # its source transforms (where masks and KV caches are made); _export_llama and
+        # the multi-method export both call it through the module.
         stack.enter_context(_patched(export_llama_lib, "_prepare_for_llama_export",
                                      prepare_without_masks))
         stack.enter_context(_patched(EdgeProgramManager, "to_executorch", to_executorch))
