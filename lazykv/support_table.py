@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import time
@@ -251,6 +252,8 @@ def run_matrix(
                 continue
             extra = () if opt in XNNPACK_OPTIONS else NO_XNNPACK
             cell = evaluate(mc, opt, work_dir, extra)
+            with open(Path(work_dir) / "cells.jsonl", "a") as f:  # kept for --cells
+                f.write(json.dumps(dataclasses.asdict(cell)) + "\n")
             echo(f"{mc:14s} {opt:24s} {cell.seconds:6.0f} s  {cell.summary()}")
             cells.append(cell)
     if readme is not None:
@@ -283,6 +286,20 @@ def write_readme(readme: os.PathLike, cells: Sequence[Cell]) -> None:
     Path(readme).write_text(head + block + tail)
 
 
+def load_cells(paths: Iterable[os.PathLike]) -> List[Cell]:
+    """Cells recorded by earlier runs (``cells.jsonl`` of a work dir), the last record of
+    each (model class, option) winning, in :data:`MATRIX` order."""
+    by: Dict[Tuple[str, str], Cell] = {}
+    for p in paths:
+        for line in Path(p).read_text().splitlines():
+            if line.strip():
+                c = Cell(**json.loads(line))
+                by[(c.model_class, c.option)] = c
+    order = [(mc, o) for mc, opts in MATRIX for o in opts]
+    return sorted(by.values(), key=lambda c: (
+        order.index((c.model_class, c.option)) if (c.model_class, c.option) in order else 999))
+
+
 def _missing_note(cells: Sequence[Cell]) -> str:
     """A sentence listing the cells of :data:`MATRIX` that ``cells`` does not cover."""
     done = {(c.model_class, c.option) for c in cells}
@@ -304,9 +321,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--out", help="write the markdown table here")
     ap.add_argument("--readme", help="rewrite the support-table block of this README")
     ap.add_argument("--only", nargs="*", help="cells MODEL:OPTION to run (default: all)")
+    ap.add_argument("--cells", nargs="*",
+                    help="run nothing: render the cells.jsonl files of earlier runs")
     args = ap.parse_args(argv)
     only = None if not args.only else [tuple(x.split(":", 1)) for x in args.only]
-    cells = run_matrix(args.work_dir, only, args.readme, echo=lambda s: print(s, flush=True))
+    if args.cells:
+        cells = load_cells(args.cells)
+        if args.readme:
+            write_readme(args.readme, cells)
+    else:
+        cells = run_matrix(args.work_dir, only, args.readme, echo=lambda s: print(s, flush=True))
     table = markdown(cells)
     if args.out:
         Path(args.out).write_text(table)
