@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR := build/demo
 
-.PHONY: demo test bench clean venv
+.PHONY: demo test bench clean venv support-table
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The full support table of export_llm's models x options (tens of minutes: two exports a
+# cell); rewrites the table in README.md. `make test` runs a representative subset.
+support-table: $(STAMP)
+	$(BIN)/python -m pytest -q -m support_table tests/test_export_llm_configs.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks all

@@ -60,6 +60,9 @@ def render(info: dict) -> str:
         where = "not planned" if b["arena"] is None else f"arena {b['arena']}"
         w(f"  {b['fqn'] or '(unnamed)':<40} {b['dtype']}{_shape(b['shape'])} {b['dynamism'].lower()}"
           f"  {fmt_bytes(b['nbytes'])}  {tag}, {where}, methods {','.join(b['methods'])}")
+        why = b.get("planned_because")
+        if why and why["cause"] != "state":
+            w(f"      planned ({why['cause']}): {why['reason']}. Fix: {why['fix']}")
     c = info["constants"]
     w("")
     w(f"constants: {c['count']} in the constant segment ({fmt_bytes(c['bytes'])}), "

@@ -490,9 +490,12 @@ def _rule_expect_lazy_kv(p: _Program, rules: Rules) -> RuleResult:
         return r
     for b in kv:
         if not b["lazy"]:
+            why = b.get("planned_because")  # left planned by a lazy export: its reason
             r.failures.append(
                 f"KV buffer {_kv_name(b)} {_shape(b)} {_b(b['nbytes'])} is not lazy: "
                 f"{b['dynamism']}, planned in arena {b['arena']} (methods {', '.join(b['methods'])})"
+                + (f"; the lazy export left it planned ({why['cause']}): {why['reason']}. "
+                   f"Fix: {why['fix']}" if why else "")
             )
         elif b["arena"] is not None:
             r.failures.append(
@@ -503,8 +506,12 @@ def _rule_expect_lazy_kv(p: _Program, rules: Rules) -> RuleResult:
     if r.failures:
         r.passed = False
         static_bytes = sum(b["nbytes"] for b in kv if not b["lazy"] or b["arena"] is not None)
+        causes = sorted({b["planned_because"]["cause"] for b in kv
+                         if not b["lazy"] and b.get("planned_because")})
+        hint = (f"the lazy export left them planned ({', '.join(causes)}): see the failures"
+                if causes else "export with --lazy-kv-cache")
         r.summary = (f"{len(kv) - lazy} of {len(kv)} KV buffers are planned ({_b(static_bytes)}); "
-                     f"export with --lazy-kv-cache")
+                     f"{hint}")
     else:
         r.summary = f"{lazy} of {len(kv)} KV buffers lazy ({_b(info['lazy_kv_bytes'])} not planned)"
     return r

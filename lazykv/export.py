@@ -9,9 +9,11 @@ each reports its wall time through ``progress(stage, seconds)``:
 ``plan``      ``to_executorch``: memory planning (and, with ``lazy_kv_cache``, marking)
 ``serialize`` write the ``.pte``
 
-ExecuTorch's Llama goes through the code path ``export_llm`` uses
-(``export_llama_lib._prepare_for_llama_export`` -> ``LLMEdgeManager``), so a static
-export here is the same program ``export_llm`` writes.
+ExecuTorch's Llama is one ``export_llm`` configuration (:func:`llama_llm_config`: its
+``LlmConfig`` with a random checkpoint) exported through export_llm's own code
+(:func:`export_llm_config`, the route of ``lazykv export --config``), so a static export
+here is the program ``export_llm`` writes. Only the two-method ``prefill``/``decode``
+export, which export_llm does not make, builds on its ``LLMEdgeManager`` stage by stage.
 """
 
 from __future__ import annotations
@@ -87,7 +89,11 @@ class ExportConfig:
 
 @dataclasses.dataclass
 class ExportReport:
-    """What an export produced: the file, per-stage seconds and the memory figures."""
+    """What an export produced: the file, per-stage seconds and the memory figures.
+
+    ``unmarked``: the mutable buffers a lazy export left planned, as in ``lazykv
+    inspect --json``'s ``unmarked_buffers`` ({fqn, kind, cause, reason, fix, methods}).
+    """
 
     path: Path
     stage_seconds: dict
@@ -97,6 +103,7 @@ class ExportReport:
     lazy_buffers: int
     file_bytes: int
     peak_rss_bytes: int
+    unmarked: list = dataclasses.field(default_factory=list)
 
     @property
     def total_seconds(self) -> float:
@@ -192,14 +199,10 @@ def checkpoint_for(shape: LlamaShape, seed: int) -> tuple[Path, Path]:
     return params, ckpt
 
 
-def _llama_builder(cfg: ExportConfig):
-    """``(LlmConfig, LLMEdgeManager)`` for ExecuTorch's Llama, built the way export_llm does.
-
-    ``export_llama_lib._prepare_for_llama_export`` is private, but it is the one function
-    that loads params + checkpoint and applies export_llm's source transforms (custom KV
-    cache, custom SDPA), so we call it rather than re-implement it.
-    """
-    from executorch.examples.models.llama.export_llama_lib import _prepare_for_llama_export
+def llama_llm_config(cfg: ExportConfig):
+    """The export_llm ``LlmConfig`` of ExecuTorch's Llama for ``cfg``: a random
+    checkpoint of ``cfg.llama_shape`` (seed ``cfg.seed``), KV cache with custom SDPA,
+    XNNPACK or not, ``cfg``'s max context and max sequence length."""
     from executorch.extension.llm.export.config.llm_config import LlmConfig
 
     params, ckpt = checkpoint_for(cfg.llama_shape, cfg.seed)
@@ -212,6 +215,19 @@ def _llama_builder(cfg: ExportConfig):
     llm.export.max_context_length = cfg.max_context
     llm.export.max_seq_length = cfg.max_seq_len
     llm.export.output_dir = str(cache_dir() / "export_llm_out")
+    return llm
+
+
+def _llama_builder(cfg: ExportConfig):
+    """``(LlmConfig, LLMEdgeManager)`` for ExecuTorch's Llama, built the way export_llm does.
+
+    ``export_llama_lib._prepare_for_llama_export`` is private, but it is the one function
+    that loads params + checkpoint and applies export_llm's source transforms (custom KV
+    cache, custom SDPA), so we call it rather than re-implement it.
+    """
+    from executorch.examples.models.llama.export_llama_lib import _prepare_for_llama_export
+
+    llm = llama_llm_config(cfg)
     return llm, _prepare_for_llama_export(llm)
 
 
@@ -370,11 +386,15 @@ def export_model(
     ``out`` is checked before any work (:func:`lazykv.output_path.check_output_path`:
     a regular file or nothing, in a writable folder) and written atomically, so it is
     either the complete new program or untouched. ``progress(stage, seconds)`` is called
-    after each stage of :data:`STAGES`.
+    after each stage of :data:`STAGES`. ``--model llama`` with one method is
+    :func:`export_llm_config` of :func:`llama_llm_config`.
     """
-    from lazykv.inspect import inspect_pte
+    out = _check_out(out)
+    if cfg.model == "llama" and cfg.methods == ("forward",):
+        from lazykv.passes import LazyKVConfig
 
-    out = check_output_path(out, "the .pte (-o)")
+        lazy = LazyKVConfig() if cfg.lazy_kv_cache else None
+        return export_llm_config(llama_llm_config(cfg), out, lazy=lazy, progress=progress)
     stages = _Stages(progress)
     if cfg.model == "llama":
         et = _export_llama(cfg, stages)
@@ -386,15 +406,44 @@ def export_model(
             et.write_to_file(f)
 
     stages.run("serialize", serialize)
-    sizes = list(et.executorch_program.execution_plan[0].non_const_buffer_sizes)
+    return _report(out, stages.seconds)
+
+
+def export_llm_config(
+    llm_config, out: os.PathLike, *, lazy=None, progress: Optional[ProgressFn] = None
+) -> ExportReport:
+    """Export an export_llm ``LlmConfig`` to ``out`` through export_llm's own code.
+
+    ``lazy``: None for the static program (byte-identical to ``python -m
+    executorch.extension.llm.export.export_llm`` with the same configuration), or a
+    :class:`lazykv.passes.LazyKVConfig` (KV caches the proof accepts lazy; the others
+    left planned and listed in :attr:`ExportReport.unmarked`, or refused with
+    ``strict=True``). See :mod:`lazykv.llm_export`.
+    """
+    from lazykv.llm_export import export_llm_pte
+
+    out = _check_out(out)
+    seconds = export_llm_pte(llm_config, out, lazy=lazy, progress=progress)
+    return _report(out, seconds)
+
+
+def _check_out(out: os.PathLike) -> Path:
+    return Path(check_output_path(out, "the .pte (-o)"))
+
+
+def _report(out: Path, seconds: dict) -> ExportReport:
+    from lazykv.inspect import inspect_pte
+
     info = inspect_pte(out)
+    first = next(iter(info["methods"].values()), None)
     return ExportReport(
         path=out,
-        stage_seconds=stages.seconds,
+        stage_seconds=seconds,
         planned_bytes=info["planned_bytes"],
-        non_const_buffer_sizes=sizes,
+        non_const_buffer_sizes=[0] + list(first["arenas"]) if first else [],
         kv_bytes_at_max_context=info["kv_bytes_at_max_context"],
         lazy_buffers=sum(1 for b in info["kv_buffers"] if b["lazy"]),
         file_bytes=out.stat().st_size,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        unmarked=info["unmarked_buffers"],
     )

@@ -138,6 +138,9 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
         cache argument of ``llama::update_cache``-style kernels).
       ``mutable_buffers``: every mutable buffer, same fields (``kv`` says if it is one).
       ``kv_bytes_at_max_context``: bytes of all KV buffers at their upper bound.
+      ``unmarked_buffers``: mutable buffers a lazy export left planned, each {``fqn``,
+        ``kind`` (``kv_cache`` or ``state``), ``cause``, ``reason``, ``fix``,
+        ``methods``}; those buffers' entries also carry ``planned_because``.
       ``lazy_kv_bytes``: of those, bytes no longer planned (lazy).
       ``constants``: {``count``, ``bytes``, ``named_data_count``, ``named_data_bytes``,
         ``by_method``}; ``manifest``: the lazykv manifest as stored, or None.
@@ -146,6 +149,7 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
     program = pte.program
     manifest = pte.manifest
     lazy_fqns = {b.fqn: b for b in manifest.lazy_buffers} if manifest else {}
+    unmarked = {u.fqn: u for u in manifest.unmarked_buffers} if manifest else {}
 
     methods: Dict[str, dict] = {}
     constant_methods: Dict[str, object] = {}
@@ -201,6 +205,11 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
                     "methods": [],
                     "value_index": {},
                 }
+                u = unmarked.get(fqn) if fqn else None
+                if u is not None:  # left planned by a lazy export: why
+                    entry["kv"] = entry["kv"] or u.kind == "kv_cache"
+                    entry["planned_because"] = {"cause": u.cause, "reason": u.reason,
+                                                "fix": u.fix}
                 buffers[key] = entry
             entry["kv"] = entry["kv"] or i in targets
             entry["methods"].append(plan.name)
@@ -264,5 +273,10 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
             for c in (manifest.shared_constants if manifest else ())
             if c.stored_once
         ),
+        "unmarked_buffers": [
+            {"fqn": u.fqn, "kind": u.kind, "cause": u.cause, "reason": u.reason, "fix": u.fix,
+             "methods": list(u.methods)}
+            for u in (manifest.unmarked_buffers if manifest else ())
+        ],
         "manifest": None if manifest is None else __import__("json").loads(manifest.to_json()),
     }

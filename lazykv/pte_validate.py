@@ -853,7 +853,10 @@ def _check_plan(m: _Model, plan: _Plan, const_offsets, const_size, delegate_io) 
     constant = set()
     for i, t in plan.tensors.items():
         _check_tensor(m, where, i, t, arenas, const_offsets, const_size)
-        if t.data_buffer_idx > 0:
+        # A tensor with data and a planned allocation is a mutable buffer with an initial
+        # value (InitializedMutableBufferPass, e.g. export_llm's attention-sink
+        # cache_positions): the runtime copies the data into planned, writable memory.
+        if t.data_buffer_idx > 0 and t.alloc is None:
             constant.add(i)
     for i, items in plan.lists.items():
         k = kinds[i]

@@ -21,6 +21,7 @@ from lazykv.passes.lazy_kv_memory_planning import LazyKVMemoryPlanningPass, Lazy
 from lazykv.passes.mark_lazy_kv import MarkLazyKVPass
 from lazykv.passes.no_causal_masks import no_causal_masks
 from lazykv.passes.to_executorch_lazy import LazyKVConfig, lazy_kv_backend_config, to_executorch_lazy
+from lazykv.passes.untouched_buffers import untouched_buffers
 
 __all__ = [
     "KVCache",
@@ -36,4 +37,5 @@ __all__ = [
     "pattern_matches",
     "select_fqns",
     "to_executorch_lazy",
+    "untouched_buffers",
 ]

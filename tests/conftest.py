@@ -81,3 +81,20 @@ def stock_runtime():
     from executorch.runtime import Runtime
 
     return Runtime.get()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "support_table: the full support-table matrix of export_llm's models (tens of "
+        "minutes); runs only when selected with -m support_table",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if "support_table" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="full matrix: run with `pytest -m support_table`")
+    for item in items:
+        if "support_table" in item.keywords:
+            item.add_marker(skip)
