@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR := build/demo
 
-.PHONY: demo test quick lint bench clean venv
+.PHONY: demo test quick lint bench clean venv support-table
 
 venv: $(STAMP)
 
@@ -35,6 +35,11 @@ test: lint
 # The quick tier: everything not marked slow (under 2 minutes).
 quick: lint
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# The full support table of export_llm's models x options (tens of minutes: two exports a
+# cell); rewrites the table in README.md. `make test` runs a representative subset.
+support-table: $(STAMP)
+	$(BIN)/python -m pytest -q -m support_table tests/test_export_llm_configs.py
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks all

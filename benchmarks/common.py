@@ -418,6 +418,9 @@ def reset_peak_rss() -> bool:
 def child_env() -> dict:
     env = dict(os.environ)
     env.setdefault("LAZYKV_CACHE_DIR", str(CACHE / "lazykv"))
+    # The warm cache holds several stories110m programs (~0.5 GiB each): above the default
+    # cap, least-recently-used eviction would turn "cached" loads into first loads.
+    env.setdefault("LAZYKV_CACHE_MAX_BYTES", "64GiB")
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env

@@ -7,6 +7,8 @@ import logging
 import os
 import warnings
 
+from lazykv.units import format_size
+
 
 @contextlib.contextmanager
 def quiet_third_party(debug: bool = False):
@@ -28,9 +30,9 @@ def silence_import_noise(import_torch: bool = True) -> None:
     """Raise torch/torchao/executorch loggers to ERROR: at import they warn about optional
     CUDA kernels and pytree registrations, nothing about the user's program.
 
-    Importing torch resets its logger, so by default torch is imported first.
-    ``import_torch=False`` is for commands that may never need torch (2 s to import); one
-    that imports it later calls this again first."""
+    Importing torch resets its logger, so by default torch is imported first. Commands
+    call it at the start of their body (never at import or in the group: ``--help`` must
+    not import torch); ``import_torch=False`` only sets the loggers."""
     if import_torch:
         import torch  # noqa: F401  (torch configures its loggers on import)
 
@@ -38,30 +40,38 @@ def silence_import_noise(import_torch: bool = True) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def fmt_bytes(n) -> str:
-    """1536 -> '1.5 KiB'; None -> '-'."""
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+fmt_bytes = format_size  # the CLI's name for lazykv.units.format_size
 
 
 os.environ.setdefault("TORCHINDUCTOR_DISABLE", "1")
 
 
+#: ExecuTorch log lines that never explain a failure (hardware probes at start-up).
+_NOISE = ("cpuinfo_utils.cpp",)
+
+
+def log_explains(exc: BaseException) -> bool:
+    """Whether ExecuTorch's captured log may explain ``exc``: a failure reported by the
+    runtime itself (:class:`ProgramRejected`, :class:`ExecutionFailed`) or an unexpected
+    exception. lazykv's other refusals are decided in Python before the runtime is
+    called, and their message says all there is."""
+    from lazykv.errors import ExecutionFailed, LazyKVError, ProgramRejected
+
+    if isinstance(exc, (ProgramRejected, ExecutionFailed)):
+        return True
+    return not isinstance(exc, (LazyKVError, KeyboardInterrupt))
+
+
 @contextlib.contextmanager
-def native_output_captured(enabled: bool = True):
+def native_output_captured(enabled: bool = True, explains=log_explains):
     """Keep ExecuTorch's C++ log lines (cpuinfo probes, "No temp allocator provided",
-    written straight to file descriptors 1 and 2) off the terminal while the block runs.
+    written straight to file descriptors 1 and 2) off the terminal while the block runs
+    (:class:`lazykv.native_log.NativeLog`).
 
     Both descriptors go to a temporary file; Python's ``sys.stdout``/``sys.stderr`` keep
-    writing to the real ones, so ``--json`` output stays clean. If the block raises
-    something other than a clean exit, the captured native log is replayed on stderr
-    first, since it may say why.
+    writing to the real ones, so ``--json`` output stays clean. If the block raises an
+    exception for which ``explains(exc)`` is true (default :func:`log_explains`), the
+    captured log, less start-up noise, is replayed on stderr first, since it may say why.
     """
     import sys
 
@@ -84,15 +94,18 @@ def native_output_captured(enabled: bool = True):
     except (OSError, ValueError, AttributeError):
         yield
         return
-    failed = False
+    replay = False
     try:
         yield
     except SystemExit:
         raise
-    except BaseException:
-        failed = True
+    except BaseException as e:
+        replay = explains(e)
         raise
     finally:
         log.__exit__(None, None, None)
-        if failed and log.text.strip():
-            sys.stderr.write("ExecuTorch's log:\n" + log.text.strip() + "\n")
+        if replay:
+            lines = log.text.splitlines()
+            text = "\n".join(ln for ln in lines if not any(n in ln for n in _NOISE)).strip()
+            if text:
+                sys.stderr.write("ExecuTorch's log:\n" + text + "\n")

@@ -8,6 +8,8 @@ import os
 import click
 
 from lazykv.check import RULES, CheckConfigError
+from lazykv.cli.params import SIZE_OR_OFF
+from lazykv.output_path import OutputPathError, atomic_write, check_output_path
 
 _EPILOG = """\b
 Rules can also come from TOML: --config FILE (a [check] table, keys at the top level,
@@ -35,25 +37,7 @@ Exit codes:
 """
 
 
-class _Size(click.ParamType):
-    """A byte count: 123, 64MiB, 1.5GB; or "off" (None)."""
-
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, int):
-            return value
-        if str(value).strip().lower() in ("off", "none"):
-            return "off"
-        from lazykv.check import parse_size
-
-        try:
-            return parse_size(value, f"--{param.name.replace('_', '-')}" if param else "size")
-        except CheckConfigError as e:
-            self.fail(str(e), param, ctx)
-
-
-SIZE = _Size()
+SIZE = SIZE_OR_OFF  # a byte count (lazykv.units), or "off"
 
 
 def _render_table(report) -> str:
@@ -163,6 +147,12 @@ def check(ctx, files, expect_lazy_kv, max_planned_bytes, max_load_bytes,
         rules = Rules(**fields)
     except CheckConfigError as e:
         raise click.UsageError(str(e), ctx) from None
+    if junit_xml:
+        try:  # before any work: an unwritable report path is known at once
+            check_output_path(junit_xml, "the JUnit report (--junit-xml)")
+        except OutputPathError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
     if not rules.enabled:
         flags = ", ".join("--" + r for r in RULES)
         where = f" (read {source})" if source else ""
@@ -187,12 +177,10 @@ def check(ctx, files, expect_lazy_kv, max_planned_bytes, max_load_bytes,
         click.echo(_render_table(report))
     if junit_xml:
         try:
-            parent = os.path.dirname(os.path.abspath(junit_xml))
-            os.makedirs(parent, exist_ok=True)
-            with open(junit_xml, "w", encoding="utf-8") as f:
-                f.write(report.to_junit_xml())
-        except OSError as e:
-            click.echo(f"error: cannot write the JUnit report {junit_xml}: {e.strerror or e}", err=True)
+            with atomic_write(junit_xml, "the JUnit report (--junit-xml)") as f:
+                f.write(report.to_junit_xml().encode("utf-8"))
+        except OutputPathError as e:
+            click.echo(f"error: {e}", err=True)
             ctx.exit(2)
     if not as_json:
         click.echo(_summary(report) + ("" if not junit_xml else f"; JUnit XML in {junit_xml}"), err=True)

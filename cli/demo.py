@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from lazykv.cli._quiet import fmt_bytes, quiet_third_party
+from lazykv.output_path import atomic_write
 
 
 def _say(msg: str) -> None:
@@ -43,11 +44,12 @@ def main(out_dir, max_context, prompt_len, new_tokens):
     out.mkdir(parents=True, exist_ok=True)
     warnings.simplefilter("ignore")
     paths = {}
+    _say(f"[1/4] exporting the example decoder twice, max context {max_context}: static KV "
+         f"cache, then lazy")
     with quiet_third_party():
         for lazy in (False, True):
             name = "example_lazy.pte" if lazy else "example_static.pte"
-            _say(f"[1/4] exporting the example decoder, max context {max_context}, "
-                 f"{'lazy' if lazy else 'static'} KV cache -> {out / name}")
+            _say(f"      {'lazy' if lazy else 'static'} -> {out / name}")
             cfg = ExportConfig(model="example", max_context=max_context, lazy_kv_cache=lazy)
             rep = export_model(cfg, out / name,
                                progress=lambda s, t: _say(f"      {s:<10} {t:6.1f} s"))
@@ -111,7 +113,8 @@ def main(out_dir, max_context, prompt_len, new_tokens):
     ax.set_title(f"example decoder, max context {max_context}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    with atomic_write(png, "the demo's plot") as f:
+        fig.savefig(f, dpi=100, format="png")
     click.echo(f"demo done: static plans {static_info['planned_bytes']:,} B, lazy plans "
                f"{lazy_info['planned_bytes']:,} B and held {trace[-1][1]:,} B of KV after "
                f"{pos} positions; logits {'bit-identical' if worst == 0.0 else 'DIFFER'}; plot {png}")

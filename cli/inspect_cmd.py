@@ -21,7 +21,7 @@ def render(info: dict) -> str:
     mv = info["lazykv_manifest_version"]
     w(f"lazykv manifest: {'version ' + str(mv) if mv else 'none (not exported by lazykv)'}")
     w(f"planned arenas at load: {info['planned_bytes']:,} B ({fmt_bytes(info['planned_bytes'])})"
-      f"  per arena: {[f'{b:,}' for b in info['arena_bytes']]}")
+      f"  per arena: {', '.join(f'{b:,} B' for b in info['arena_bytes']) or 'none'}")
     kv = info["kv_buffers"]
     lazy = [b for b in kv if b["lazy"]]
     w(f"KV cache at max context: {info['kv_bytes_at_max_context']:,} B "
@@ -60,6 +60,9 @@ def render(info: dict) -> str:
         where = "not planned" if b["arena"] is None else f"arena {b['arena']}"
         w(f"  {b['fqn'] or '(unnamed)':<40} {b['dtype']}{_shape(b['shape'])} {b['dynamism'].lower()}"
           f"  {fmt_bytes(b['nbytes'])}  {tag}, {where}, methods {','.join(b['methods'])}")
+        why = b.get("planned_because")
+        if why and why["cause"] != "state":
+            w(f"      planned ({why['cause']}): {why['reason']}. Fix: {why['fix']}")
     c = info["constants"]
     w("")
     w(f"constants: {c['count']} in the constant segment ({fmt_bytes(c['bytes'])}), "
@@ -100,7 +103,8 @@ def inspect(file, as_json):
     memory_estimate{fixed_bytes, weights_bytes, planned_bytes, runtime_bytes,
     kv_bytes_per_position, kv_bytes_per_session_at_max_context, one_session_at_max_context}
     (resident bytes expected once loaded, see lazykv.estimate).
-    Exit code 2 when FILE cannot be read.
+    \b
+    Exit codes: 0 success; 2 FILE cannot be read (missing, truncated, not a .pte).
     """
     from lazykv.inspect import inspect_pte  # torch-free: the format layer only
 

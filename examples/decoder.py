@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 from torch import nn
+
+from lazykv.context_limits import resolve_max_seq_len
 
 # Registers torch.ops.llama.update_cache / custom_sdpa (ExecuTorch's custom LLM ops).
 import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
@@ -36,7 +39,8 @@ class DecoderConfig:
     n_kv_heads: int = 2
     hidden_dim: int = 256
     max_context: int = 1024
-    max_seq_len: int = 64
+    #: Longest prompt chunk per call; None: 64 capped at max_context (lazykv.context_limits).
+    max_seq_len: Optional[int] = None
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -46,10 +50,9 @@ class DecoderConfig:
                 f"dim ({self.dim}) must divide by n_heads ({self.n_heads}) and n_heads by "
                 f"n_kv_heads ({self.n_kv_heads})"
             )
-        if self.max_seq_len > self.max_context:
-            raise ValueError(
-                f"max_seq_len ({self.max_seq_len}) cannot exceed max_context ({self.max_context})"
-            )
+        object.__setattr__(
+            self, "max_seq_len", resolve_max_seq_len(self.max_context, self.max_seq_len, "example")
+        )
 
     @property
     def head_dim(self) -> int:

@@ -14,6 +14,7 @@ import torch
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
+from lazykv.errors import LazyKVError
 from lazykv.examples.decoder import DecoderConfig, build_example_decoder
 from lazykv.passes import no_causal_masks, to_executorch_lazy
 
@@ -21,13 +22,19 @@ from lazykv.passes import no_causal_masks, to_executorch_lazy
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--max-context", type=int, default=4096)
+    ap.add_argument("--max-seq-len", type=int, default=None,
+                    help="longest prompt chunk per call (default: 64, at most --max-context)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lazy", action="store_true", help="lazy KV cache (run with lazykv's shim)")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args()
 
+    try:  # one rule for max context vs max prompt chunk (lazykv.context_limits)
+        cfg = DecoderConfig(max_context=args.max_context, max_seq_len=args.max_seq_len)
+    except LazyKVError as e:
+        ap.error(str(e))
     with no_causal_masks(args.max_context):
-        model = build_example_decoder(DecoderConfig(max_context=args.max_context), seed=args.seed)
+        model = build_example_decoder(cfg, seed=args.seed)
     with torch.no_grad():
         exported = torch.export.export(
             model, model.example_inputs(), dynamic_shapes=model.dynamic_shapes(), strict=False

@@ -38,7 +38,8 @@ from pathlib import Path
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-context", type=int, default=4096)
-    ap.add_argument("--max-seq-len", type=int, default=128)
+    ap.add_argument("--max-seq-len", type=int, default=None,
+                    help="longest prompt chunk per call (default: 128, at most --max-context)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--checkpoint-dir", type=Path, default=None,
                     help="params.json + checkpoint.pth (default: a random 'tiny' one)")
@@ -47,8 +48,27 @@ def main(argv=None) -> int:
                     help="lower with ExecuTorch's LLMEdgeManager steps (strict export)")
     ap.add_argument("--no-xnnpack", action="store_true")
     ap.add_argument("--no-sdpa-with-kv-cache", action="store_true",
-                    help="ExecuTorch's default attention (lazykv refuses it)")
+                    help="ExecuTorch's default attention, which reads the whole cache: lazykv "
+                         "refuses to make it lazy (exit code 1, the reason on stderr)")
     args = ap.parse_args(argv)
+    from lazykv.context_limits import resolve_max_seq_len
+    from lazykv.errors import LazyKVError
+
+    try:
+        args.max_seq_len = resolve_max_seq_len(args.max_context, args.max_seq_len, "llama")
+    except LazyKVError as e:
+        ap.error(str(e))
+    # The random checkpoint (when none is given) lives in a temporary folder that is
+    # removed however the export ends.
+    with tempfile.TemporaryDirectory(prefix="lazykv_tiny_") as scratch:
+        try:
+            return _export(args, Path(scratch))
+        except LazyKVError as e:  # a refusal: one line that names the reason and the fix
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+
+
+def _export(args, scratch: Path) -> int:
     t0 = time.time()
 
     from executorch.examples.models.llama.export_llama_lib import (
@@ -67,7 +87,7 @@ def main(argv=None) -> int:
     if ckpt is None:
         from lazykv.models.llama import PRESETS, write_random_checkpoint
 
-        ckpt = Path(tempfile.mkdtemp(prefix="lazykv_tiny_"))
+        ckpt = scratch
         write_random_checkpoint(PRESETS["tiny"], ckpt)
 
     cfg = LlmConfig()
@@ -80,7 +100,9 @@ def main(argv=None) -> int:
     cfg.export.max_seq_length = args.max_seq_len
     cfg.export.output_dir = str(args.out.parent)
 
-    if args.static:
+    if args.static or args.no_sdpa_with_kv_cache:
+        # ExecuTorch's default attention reads its N x N mask: it must exist (lazykv's
+        # passes then refuse the cache, which that attention reads in full).
         builder = _prepare_for_llama_export(cfg)
     else:
         # Model construction + source transforms: no N x N masks, KV caches as empty.

@@ -178,6 +178,26 @@ def prepare_llama_export(llm_config):
     return _prepare_for_llama_export(llm_config)
 
 
+@contextlib.contextmanager
+def wrapped_prepare_for_llama_export(wrap) -> Iterator[None]:
+    """For the block, export_llm's model construction
+    (``export_llama_lib._prepare_for_llama_export``) is ``wrap(original)``; restored
+    after (blocks nest: an inner ``wrap`` gets the outer's function).
+
+    Private: the one function of export_llm that builds the model and applies its source
+    transforms; ``_export_llama`` and the multi-method export both call it through the
+    module, so the module attribute is the only hook that keeps export_llm's own code
+    path (lazykv.llm_export)."""
+    from executorch.examples.models.llama import export_llama_lib
+
+    original = export_llama_lib._prepare_for_llama_export
+    export_llama_lib._prepare_for_llama_export = wrap(original)
+    try:
+        yield
+    finally:
+        export_llama_lib._prepare_for_llama_export = original
+
+
 def llama_xnnpack_partitioners(llm_config) -> list:
     """The XNNPACK partitioners ``export_llm`` uses for ``llm_config``.
 

@@ -1,17 +1,68 @@
-"""lazykv's disk cache folder: one place decides where it is.
+"""lazykv's disk cache: where it is, what it holds, and how it stays bounded.
 
-``$LAZYKV_CACHE_DIR`` if set (``~`` expanded), else ``$XDG_CACHE_HOME/lazykv``, else
-``~/.cache/lazykv``. What lives there: the runtime shim's rebound programs and prepared
-metadata (:mod:`lazykv.runtime_shim.program_cache`), random-weight checkpoints written by
-``lazykv export``, the native helper when compiled on first use. Standard library only.
+One folder, :func:`cache_dir`: ``$LAZYKV_CACHE_DIR`` if set (``~`` expanded), else
+``$XDG_CACHE_HOME/lazykv``, else ``~/.cache/lazykv``. What lives there:
+
+``program``     the rebound copy of a lazy ``.pte`` that ``runtime_shim.load`` writes and
+                loads (model-sized) with its small metadata sidecar, keyed by the
+                source's sha256; or the file copy of a program loaded from ``bytes``
+``checkpoint``  a random-weight Llama checkpoint written by ``lazykv export``
+``native``      the native helper when compiled on first use
+``hashes``      memoized sha256 digests of source files (a few bytes each)
+``partial``     a file being written right now (or left by a killed process)
+``other``       anything else
+
+**Bound.** After each write of a ``program`` or ``checkpoint`` entry, entries of those two
+kinds are evicted least recently used first (a cache hit marks an entry used) until the
+folder holds at most :func:`max_bytes`: ``$LAZYKV_CACHE_MAX_BYTES`` (a size as
+:func:`lazykv.units.parse_size` reads it), default :data:`DEFAULT_MAX_BYTES`. The entry
+just written or in use is never evicted, so one entry larger than the cap stays until the
+next one is written. ``LAZYKV_CACHE_MAX_BYTES=0`` (or ``off``) turns the cache off:
+``runtime_shim.load`` then writes its rebound copy to a temporary folder and deletes it
+as soon as the runtime has the file open, and nothing is kept.
+
+``lazykv cache`` lists the entries (``list``), prints the total (``size``) and empties
+the folder (``clear``). Standard library only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import shutil
+import tempfile
+import time
+import weakref
 from pathlib import Path
+from typing import Iterable, List, Optional, Tuple, Union
+
+from lazykv.errors import LazyKVError
+from lazykv.output_path import OutputPathError
+from lazykv.units import SizeError, parse_size
 
 ENV_DIR = "LAZYKV_CACHE_DIR"
+ENV_MAX_BYTES = "LAZYKV_CACHE_MAX_BYTES"
+#: Default cap: a few rebound copies of a mid-size model.
+DEFAULT_MAX_BYTES = 4 << 30
+#: Kinds that :func:`evict` may remove (the model-sized ones).
+EVICTABLE = ("program", "checkpoint")
+#: A ``partial`` file older than this is a leftover of a killed process.
+_PARTIAL_STALE_SECONDS = 3600
+
+#: The fix every "cannot write to the cache" message gives.
+FIX = f"set {ENV_DIR} to a writable folder, or {ENV_MAX_BYTES}=0 to keep nothing"
+
+#: Folders whose every subfolder is one entry of this kind.
+_GROUPED = {"checkpoints": "checkpoint", "native": "native"}
+
+_DIGEST = re.compile(r"^([0-9a-f]{64})\.")
+
+
+class CacheConfigError(LazyKVError):
+    """``$LAZYKV_CACHE_MAX_BYTES`` cannot be read; the message names the fix."""
+
+    exit_code = 2
 
 
 def cache_dir() -> Path:
@@ -22,3 +73,217 @@ def cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "lazykv"
+
+
+def max_bytes() -> int:
+    """The cap from ``$LAZYKV_CACHE_MAX_BYTES`` (``0``/``off``: cache off), else
+    :data:`DEFAULT_MAX_BYTES`. Raises :class:`CacheConfigError` for an unreadable value."""
+    raw = os.environ.get(ENV_MAX_BYTES)
+    if raw is None or not raw.strip():
+        return DEFAULT_MAX_BYTES
+    if raw.strip().lower() == "off":
+        return 0
+    try:
+        return parse_size(raw, ENV_MAX_BYTES)
+    except SizeError as e:
+        raise CacheConfigError(f"{e}; or 0/off to turn the cache off") from None
+
+
+def enabled() -> bool:
+    """False when ``$LAZYKV_CACHE_MAX_BYTES`` is 0 (the cache is off)."""
+    return max_bytes() > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One thing in the cache: its ``kind`` (see the module doc), ``key`` (the digest or
+    folder name), the ``paths`` that make it up, their total ``nbytes`` and when it was
+    last used (``last_used``, seconds since the epoch: the newest mtime of its paths)."""
+
+    kind: str
+    key: str
+    paths: Tuple[Path, ...]
+    nbytes: int
+    last_used: float
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "key": self.key, "nbytes": self.nbytes,
+                "last_used": self.last_used, "paths": [str(p) for p in self.paths]}
+
+
+def _tree(path: Path) -> Tuple[int, float]:
+    """(bytes, newest mtime) of a file or a folder's files; (0, 0) if it vanished."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return 0, 0.0
+    if not path.is_dir() or path.is_symlink():
+        return st.st_size, st.st_mtime
+    total, newest = 0, st.st_mtime
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                s = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += s.st_size
+            newest = max(newest, s.st_mtime)
+    return total, newest
+
+
+def _kind_of_file(name: str) -> Tuple[str, str]:
+    if name.startswith("incoming-") or name.endswith((".tmp", ".probe")) or ".tmp" in name:
+        return "partial", name
+    m = _DIGEST.match(name)
+    if m:
+        return "program", m.group(1)
+    return "other", name
+
+
+def entries(root: Optional[Union[str, os.PathLike]] = None) -> List[Entry]:
+    """Every entry under ``root`` (default :func:`cache_dir`), least recently used first.
+    A missing folder has none."""
+    root = Path(root) if root is not None else cache_dir()
+    groups: dict = {}
+    try:
+        names = sorted(os.listdir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for name in names:
+        p = root / name
+        if p.is_dir() and not p.is_symlink():
+            if name in _GROUPED:
+                kind = _GROUPED[name]
+                for sub in sorted(os.listdir(p)):
+                    k = ("partial", sub) if ".tmp" in sub else (kind, sub)
+                    groups.setdefault(k, []).append(p / sub)
+                continue
+            kind = "hashes" if name == "hashes" else "other"
+            groups.setdefault((kind, name), []).append(p)
+            continue
+        groups.setdefault(_kind_of_file(name), []).append(p)
+    out = []
+    for (kind, key), paths in groups.items():
+        sizes = [_tree(p) for p in paths]
+        out.append(Entry(kind, key, tuple(paths), sum(s for s, _ in sizes),
+                         max((t for _, t in sizes), default=0.0)))
+    out.sort(key=lambda e: (e.last_used, e.key))
+    return out
+
+
+def total_bytes(root: Optional[Union[str, os.PathLike]] = None) -> int:
+    """Bytes of every file under ``root`` (default :func:`cache_dir`)."""
+    return sum(e.nbytes for e in entries(root))
+
+
+def _remove(entry: Entry) -> int:
+    freed = 0
+    for p in entry.paths:
+        size, _ = _tree(p)
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            freed += size
+        except FileNotFoundError:
+            pass
+    return freed
+
+
+def clear(root: Optional[Union[str, os.PathLike]] = None) -> Tuple[int, int]:
+    """Remove every entry under ``root`` (default :func:`cache_dir`); returns (entries,
+    bytes) removed. Loads running meanwhile keep working (their files stay open) and
+    later ones rebuild what they need."""
+    root = Path(root) if root is not None else cache_dir()
+    gone = entries(root)
+    freed = sum(_remove(e) for e in gone)
+    for folder in _GROUPED:
+        try:
+            (root / folder).rmdir()  # only if empty
+        except OSError:
+            pass
+    return len(gone), freed
+
+
+def touch(path: Union[str, os.PathLike]) -> None:
+    """Mark the entry holding ``path`` used now (its mtime), for least-recently-used
+    eviction. A missing or read-only file is ignored."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def evict(root: Optional[Union[str, os.PathLike]] = None, keep: Iterable[str] = (),
+          cap: Optional[int] = None) -> List[Entry]:
+    """Remove ``program``/``checkpoint`` entries, least recently used first, until the
+    folder holds at most ``cap`` bytes (default :func:`max_bytes`). Entries whose key is
+    in ``keep`` stay. Returns the entries removed."""
+    root = Path(root) if root is not None else cache_dir()
+    cap = max_bytes() if cap is None else cap
+    keep = set(keep)
+    now = time.time()
+    current = entries(root)
+    total = sum(e.nbytes for e in current)
+    removed = []
+    for e in current:
+        if total <= cap:
+            break
+        stale_partial = e.kind == "partial" and now - e.last_used > _PARTIAL_STALE_SECONDS
+        if (e.kind in EVICTABLE and e.key not in keep) or stale_partial:
+            total -= _remove(e)
+            removed.append(e)
+    return removed
+
+
+def ensure_writable(root: Union[str, os.PathLike]) -> Path:
+    """Create ``root`` if needed and check a file can be created in it; returns it.
+    Raises :class:`OutputPathError` naming the folder and the fix (``$LAZYKV_CACHE_DIR``
+    or turning the cache off)."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(
+            f"cannot write to lazykv's cache folder {root}: {e.strerror or e}; {FIX}"
+        ) from None
+    return root
+
+
+class LoadCache:
+    """The cache folder one ``runtime_shim.load`` writes to, and its bookkeeping.
+
+    ``LoadCache(explicit_dir)``: the folder is ``explicit_dir`` if given, else
+    :func:`cache_dir`; with the cache off (``max_bytes() == 0``) and no explicit folder it
+    is a fresh temporary folder, removed by :meth:`done` (or when this object is
+    collected). After the runtime opened the program, :meth:`done` marks the entry used
+    and evicts others over the cap. (Writers check the folder themselves:
+    :func:`lazykv.output_path.atomic_write` with ``fix=FIX``.)
+    """
+
+    def __init__(self, explicit_dir: Optional[Union[str, os.PathLike]] = None) -> None:
+        self.cap = max_bytes()
+        self.temporary = explicit_dir is None and self.cap == 0
+        if self.temporary:
+            self.dir = Path(tempfile.mkdtemp(prefix="lazykv-load-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
+        else:
+            self.dir = Path(explicit_dir) if explicit_dir is not None else cache_dir()
+            self._cleanup = None
+
+    def done(self, digest: Optional[str]) -> None:
+        """The program with sha256 ``digest`` is open in the runtime: mark its entry used
+        now and evict other entries over the cap (or, for a temporary folder, remove it:
+        the runtime keeps its file open)."""
+        if self._cleanup is not None:
+            self._cleanup()
+            return
+        if digest is not None:
+            for p in self.dir.glob(f"{digest}.*"):
+                touch(p)
+        keep = () if digest is None or self.cap == 0 else (digest,)
+        evict(self.dir, keep=keep, cap=self.cap)

@@ -110,12 +110,12 @@ def runtime_error(exc: BaseException, context: str) -> LazyKVError:
         return ProgramRejected(
             f"{context}: the ExecuTorch runtime refused it, {what}. The file is corrupt, "
             f"needs a backend or operator this runtime lacks, or was exported for another "
-            f"runtime version; run with --debug for ExecuTorch's log"
+            f"runtime version; ExecuTorch's own log lines (stderr) say which"
         )
     return ExecutionFailed(
         f"{context}: the ExecuTorch runtime failed while running it, {what}; a kernel "
-        f"rejected its inputs or the program is corrupt. The session is unchanged; run "
-        f"with --debug for ExecuTorch's log"
+        f"rejected its inputs or the program is corrupt. The session is unchanged; "
+        f"ExecuTorch's own log lines (stderr) say which"
     )
 
 

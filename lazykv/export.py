@@ -9,9 +9,11 @@ each reports its wall time through ``progress(stage, seconds)``:
 ``plan``      ``to_executorch``: memory planning (and, with ``lazy_kv_cache``, marking)
 ``serialize`` write the ``.pte``
 
-ExecuTorch's Llama goes through the code path ``export_llm`` uses
-(``export_llama_lib._prepare_for_llama_export`` -> ``LLMEdgeManager``), so a static
-export here is the same program ``export_llm`` writes.
+ExecuTorch's Llama is one ``export_llm`` configuration (:func:`llama_llm_config`: its
+``LlmConfig`` with a random checkpoint) exported through export_llm's own code
+(:func:`export_llm_config`, the route of ``lazykv export --config``), so a static export
+here is the program ``export_llm`` writes. Only the two-method ``prefill``/``decode``
+export, which export_llm does not make, builds on its ``LLMEdgeManager`` stage by stage.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from typing import Callable, Optional
 import torch
 
 from lazykv import _et_compat, disk_cache
+from lazykv.context_limits import resolve_max_seq_len
+from lazykv.disk_cache import cache_dir  # the one cache folder (checkpoints live there)
 from lazykv.errors import LazyKVError
 from lazykv.models.llama import PRESETS, LlamaShape, write_random_checkpoint
+from lazykv.output_path import OutputPathError, atomic_write, check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +43,6 @@ MODELS = ("llama", "example")
 METHOD_SETS = (("forward",), ("prefill", "decode"))
 
 ProgressFn = Callable[[str, float], None]
-
-
-def cache_dir() -> Path:
-    """Where lazykv keeps generated checkpoints: lazykv's cache folder
-    (:func:`lazykv.disk_cache.cache_dir`)."""
-    return disk_cache.cache_dir()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +56,9 @@ class ExportConfig:
 
     model: str = "llama"
     max_context: int = 4096
-    max_seq_len: int = 128
+    #: Longest prompt chunk per call; None: the model's default capped at max_context
+    #: (the rule of :mod:`lazykv.context_limits`).
+    max_seq_len: Optional[int] = None
     shape: Optional[LlamaShape] = None
     example_config: Optional[object] = None
     lazy_kv_cache: bool = False
@@ -77,13 +78,9 @@ class ExportConfig:
                 f"--methods {','.join(self.methods)}: choose one of "
                 f"{[','.join(m) for m in METHOD_SETS]}"
             )
-        if self.max_context < 2:
-            raise LazyKVError(f"--max-context must be at least 2, got {self.max_context}")
-        if not 1 <= self.max_seq_len <= self.max_context:
-            raise LazyKVError(
-                f"max sequence length {self.max_seq_len} must be between 1 and the max "
-                f"context {self.max_context}"
-            )
+        object.__setattr__(
+            self, "max_seq_len", resolve_max_seq_len(self.max_context, self.max_seq_len, self.model)
+        )
 
     @property
     def llama_shape(self) -> LlamaShape:
@@ -92,7 +89,11 @@ class ExportConfig:
 
 @dataclasses.dataclass
 class ExportReport:
-    """What an export produced: the file, per-stage seconds and the memory figures."""
+    """What an export produced: the file, per-stage seconds and the memory figures.
+
+    ``unmarked``: the mutable buffers a lazy export left planned, as in ``lazykv
+    inspect --json``'s ``unmarked_buffers`` ({fqn, kind, cause, reason, fix, methods}).
+    """
 
     path: Path
     stage_seconds: dict
@@ -102,6 +103,7 @@ class ExportReport:
     lazy_buffers: int
     file_bytes: int
     peak_rss_bytes: int
+    unmarked: list = dataclasses.field(default_factory=list)
 
     @property
     def total_seconds(self) -> float:
@@ -175,19 +177,30 @@ def checkpoint_for(shape: LlamaShape, seed: int) -> tuple[Path, Path]:
     d = cache_dir() / "checkpoints" / key
     params, ckpt = d / "params.json", d / "checkpoint.pth"
     if not (params.exists() and ckpt.exists()):
-        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-        write_random_checkpoint(shape, tmp, seed=seed)
-        tmp.replace(d) if not d.exists() else None
-        if tmp.exists():  # another process won the race
-            import shutil
+        import shutil
 
-            shutil.rmtree(tmp, ignore_errors=True)
+        disk_cache.ensure_writable(d.parent)
+        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+        try:
+            write_random_checkpoint(shape, tmp, seed=seed)
+            tmp.replace(d) if not d.exists() else None
+        except OSError as e:  # e.g. a full disk: no half-written checkpoint is left
+            raise OutputPathError(
+                f"cannot write a random checkpoint to lazykv's cache folder {d.parent}: "
+                f"{e.strerror or e}; {disk_cache.FIX}"
+            ) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # left only if another process won the race
+        disk_cache.evict(keep=(key,))  # the cache stays under its cap
+    else:
+        disk_cache.touch(d)  # used now (least-recently-used eviction)
     return params, ckpt
 
 
-def _llama_builder(cfg: ExportConfig):
-    """``(LlmConfig, LLMEdgeManager)`` for ExecuTorch's Llama, built the way export_llm does
-    (:func:`lazykv._et_compat.prepare_llama_export`)."""
+def llama_llm_config(cfg: ExportConfig):
+    """The export_llm ``LlmConfig`` of ExecuTorch's Llama for ``cfg``: a random
+    checkpoint of ``cfg.llama_shape`` (seed ``cfg.seed``), KV cache with custom SDPA,
+    XNNPACK or not, ``cfg``'s max context and max sequence length."""
     from executorch.extension.llm.export.config.llm_config import LlmConfig
 
     params, ckpt = checkpoint_for(cfg.llama_shape, cfg.seed)
@@ -200,6 +213,13 @@ def _llama_builder(cfg: ExportConfig):
     llm.export.max_context_length = cfg.max_context
     llm.export.max_seq_length = cfg.max_seq_len
     llm.export.output_dir = str(cache_dir() / "export_llm_out")
+    return llm
+
+
+def _llama_builder(cfg: ExportConfig):
+    """``(LlmConfig, LLMEdgeManager)`` for ExecuTorch's Llama, built the way export_llm does
+    (:func:`lazykv._et_compat.prepare_llama_export`)."""
+    llm = llama_llm_config(cfg)
     return llm, _et_compat.prepare_llama_export(llm)
 
 
@@ -207,9 +227,7 @@ def _example_model(cfg: ExportConfig):
     from lazykv.examples.decoder import DecoderConfig, build_example_decoder
 
     base = cfg.example_config or DecoderConfig()
-    dc = dataclasses.replace(
-        base, max_context=cfg.max_context, max_seq_len=min(base.max_seq_len, cfg.max_context)
-    )
+    dc = dataclasses.replace(base, max_context=cfg.max_context, max_seq_len=cfg.max_seq_len)
     return build_example_decoder(dc, seed=cfg.seed)
 
 
@@ -352,16 +370,18 @@ def export_model(
 ) -> ExportReport:
     """Export ``cfg`` to the ``.pte`` file ``out`` and report what it holds.
 
-    The file is written to a temporary name and renamed, so ``out`` is either the
-    complete new program or untouched. ``progress(stage, seconds)`` is called after each
-    stage of :data:`STAGES`.
+    ``out`` is checked before any work (:func:`lazykv.output_path.check_output_path`:
+    a regular file or nothing, in a writable folder) and written atomically, so it is
+    either the complete new program or untouched. ``progress(stage, seconds)`` is called
+    after each stage of :data:`STAGES`. ``--model llama`` with one method is
+    :func:`export_llm_config` of :func:`llama_llm_config`.
     """
-    from lazykv.inspect import inspect_pte
+    out = _check_out(out)
+    if cfg.model == "llama" and cfg.methods == ("forward",):
+        from lazykv.passes import LazyKVConfig
 
-    out = Path(out)
-    if out.exists() and out.is_dir():
-        raise LazyKVError(f"-o {out}: is a directory; give a file name ending in .pte")
-    out.parent.mkdir(parents=True, exist_ok=True)
+        lazy = LazyKVConfig() if cfg.lazy_kv_cache else None
+        return export_llm_config(llama_llm_config(cfg), out, lazy=lazy, progress=progress)
     stages = _Stages(progress)
     if cfg.model == "llama":
         et = _export_llama(cfg, stages)
@@ -369,21 +389,48 @@ def export_model(
         et = _export_example(cfg, stages)
 
     def serialize():
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with atomic_write(out, "the .pte (-o)") as f:
             et.write_to_file(f)
-        tmp.replace(out)
 
     stages.run("serialize", serialize)
-    sizes = list(et.executorch_program.execution_plan[0].non_const_buffer_sizes)
+    return _report(out, stages.seconds)
+
+
+def export_llm_config(
+    llm_config, out: os.PathLike, *, lazy=None, progress: Optional[ProgressFn] = None
+) -> ExportReport:
+    """Export an export_llm ``LlmConfig`` to ``out`` through export_llm's own code.
+
+    ``lazy``: None for the static program (byte-identical to ``python -m
+    executorch.extension.llm.export.export_llm`` with the same configuration), or a
+    :class:`lazykv.passes.LazyKVConfig` (KV caches the proof accepts lazy; the others
+    left planned and listed in :attr:`ExportReport.unmarked`, or refused with
+    ``strict=True``). See :mod:`lazykv.llm_export`.
+    """
+    from lazykv.llm_export import export_llm_pte
+
+    out = _check_out(out)
+    seconds = export_llm_pte(llm_config, out, lazy=lazy, progress=progress)
+    return _report(out, seconds)
+
+
+def _check_out(out: os.PathLike) -> Path:
+    return Path(check_output_path(out, "the .pte (-o)"))
+
+
+def _report(out: Path, seconds: dict) -> ExportReport:
+    from lazykv.inspect import inspect_pte
+
     info = inspect_pte(out)
+    first = next(iter(info["methods"].values()), None)
     return ExportReport(
         path=out,
-        stage_seconds=stages.seconds,
+        stage_seconds=seconds,
         planned_bytes=info["planned_bytes"],
-        non_const_buffer_sizes=sizes,
+        non_const_buffer_sizes=[0] + list(first["arenas"]) if first else [],
         kv_bytes_at_max_context=info["kv_bytes_at_max_context"],
         lazy_buffers=sum(1 for b in info["kv_buffers"] if b["lazy"]),
         file_bytes=out.stat().st_size,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        unmarked=info["unmarked_buffers"],
     )

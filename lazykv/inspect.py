@@ -15,15 +15,10 @@ from typing import Dict, Union
 
 from lazykv.format import schema as S
 from lazykv.format.program import BOOL, DOUBLE, INT, STRING, TENSOR, Plan, Tensor
+from lazykv.format.buffers import buffer_report, kv_buffers
 from lazykv.format.pte import PteFile, open_pte
 from lazykv.verify import check_program
 
-#: Kernels whose second argument is a cache written in place at a position.
-_CACHE_UPDATE_OPS = {
-    "llama::update_cache": 1,
-    "llama::update_cache_with_indices": 1,
-    "llama::update_quantized_cache": 1,
-}
 _SCALAR_JSON = {INT: ("int", "ints"), BOOL: ("bool", "scalars"), DOUBLE: ("float", "scalars"),
                 STRING: ("str", "strings")}
 
@@ -49,35 +44,6 @@ def _value_json(plan: Plan, idx: int) -> dict:
     return {"value_index": idx, "type": kind}
 
 
-def _mutable_buffers(plan: Plan) -> Dict[int, Tensor]:
-    """Value index -> tensor for the plan's mutable buffers.
-
-    The emitter writes placeholders first (parameters, buffers, then user inputs);
-    constants carry a data buffer, so a non-constant tensor placed before the first user
-    input is a mutable buffer. A tensor with an FQN that is not constant is one too.
-    """
-    first_input = min(plan.inputs) if plan.inputs else len(plan.kinds)
-    inputs, outputs = set(plan.inputs), set(plan.outputs)
-    out = {}
-    for i, t in plan.tensors.items():
-        if t.data_buffer_idx != 0 or i in outputs or i in inputs:
-            continue
-        planned_or_unbound = t.allocation is not None or t.dynamism == S.DYNAMIC_UNBOUND
-        if (i < first_input and planned_or_unbound) or t.fqn:
-            out[i] = t
-    return out
-
-
-def _cache_targets(plan: Plan) -> set:
-    """Value indices written by a position-indexed cache update kernel."""
-    targets = set()
-    for op, args in plan.kernel_calls():
-        pos = _CACHE_UPDATE_OPS.get(op.name)
-        if pos is not None and pos < len(args):
-            targets.add(args[pos])
-    return targets
-
-
 def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
     """Describe a ``.pte`` as a JSON-ready dict (checked with
     :func:`lazykv.verify.check_program` first: a corrupt file raises
@@ -96,6 +62,9 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
         cache argument of ``llama::update_cache``-style kernels).
       ``mutable_buffers``: every mutable buffer, same fields (``kv`` says if it is one).
       ``kv_bytes_at_max_context``: bytes of all KV buffers at their upper bound.
+      ``unmarked_buffers``: mutable buffers a lazy export left planned, each {``fqn``,
+        ``kind`` (``kv_cache`` or ``state``), ``cause``, ``reason``, ``fix``,
+        ``methods``}; those buffers' entries also carry ``planned_because``.
       ``lazy_kv_bytes``: of those, bytes no longer planned (lazy).
       ``constants``: {``count``, ``bytes``, ``named_data_count``, ``named_data_bytes``,
         ``by_method``}; ``manifest``: the lazykv manifest as stored, or None.
@@ -109,11 +78,9 @@ def inspect_pte(path_or_pte: Union[str, os.PathLike, PteFile]) -> dict:
 def _inspect(pte: PteFile) -> dict:
     program = pte.program
     manifest = check_program(pte)
-    lazy_fqns = {b.fqn: b for b in manifest.lazy_buffers} if manifest else {}
 
     methods: Dict[str, dict] = {}
     constant_methods: Dict[str, object] = {}
-    buffers: Dict[str, dict] = {}
     arena_max = program.arena_bytes()
     const_count, const_bytes = program.constant_tensor_bytes()
     for plan in program.plans:
@@ -123,35 +90,6 @@ def _inspect(pte: PteFile) -> dict:
             continue
         sizes = list(plan.arenas)
         consts = [(i, t) for i, t in plan.tensors.items() if t.data_buffer_idx > 0]
-        targets = _cache_targets(plan)
-        for i, t in _mutable_buffers(plan).items():
-            a = t.allocation
-            key = t.fqn or (
-                f"mem{a.memory_id}@{a.offset_low}+{a.offset_high << 32}"
-                if a is not None else f"{plan.name}:value{i}"
-            )
-            lazy = t.fqn in lazy_fqns or t.dynamism == S.DYNAMIC_UNBOUND
-            entry = buffers.get(key)
-            if entry is None:
-                lb = lazy_fqns.get(t.fqn) if t.fqn else None
-                entry = {
-                    "fqn": t.fqn,
-                    "shape": list(lb.max_shape) if lb else list(t.sizes),
-                    "dtype": t.dtype,
-                    "dynamism": S.DYNAMISM_NAMES.get(t.dynamism, str(t.dynamism)),
-                    "nbytes": lb.nbytes_at_max if lb else t.nbytes,
-                    "lazy": bool(lazy),
-                    "kv": bool(lb) or i in targets,
-                    "arena": None if a is None else a.memory_id,
-                    "growth_axis": lb.growth_axis if lb else None,
-                    "bytes_per_position": lb.bytes_per_position if lb else None,
-                    "methods": [],
-                    "value_index": {},
-                }
-                buffers[key] = entry
-            entry["kv"] = entry["kv"] or i in targets
-            entry["methods"].append(plan.name)
-            entry["value_index"][plan.name] = i
         delegates = []
         for d in plan.delegates:
             size = None
@@ -172,8 +110,8 @@ def _inspect(pte: PteFile) -> dict:
     named = [nd for nd in program.named_data if not nd.key.startswith("lazykv/")]
     named_keys = {nd.key for nd in named}
     named_bytes = program.named_data_bytes()
-    all_buffers = list(buffers.values())
-    kv = [b for b in all_buffers if b["kv"] or b["lazy"]]
+    all_buffers = buffer_report(program, manifest)
+    kv = kv_buffers(all_buffers)
     shared = manifest.shared_constants if manifest else ()
     return {
         "file": pte.source,
@@ -205,5 +143,10 @@ def _inspect(pte: PteFile) -> dict:
         "shared_constant_bytes_saved": sum(
             c.nbytes * (len(c.methods) - 1) for c in shared if c.stored_once
         ),
+        "unmarked_buffers": [
+            {"fqn": u.fqn, "kind": u.kind, "cause": u.cause, "reason": u.reason, "fix": u.fix,
+             "methods": list(u.methods)}
+            for u in (manifest.unmarked_buffers if manifest else ())
+        ],
         "manifest": None if manifest is None else json.loads(manifest.to_json()),
     }

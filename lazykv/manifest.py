@@ -122,12 +122,33 @@ class SharedConstant:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnmarkedBuffer:
+    """A mutable buffer that stays memory planned in a lazy export, and why.
+
+    ``kind`` is ``"kv_cache"`` (a position-indexed cache the proof did not accept: ring
+    buffer, masked or cast read...) or ``"state"`` (not a cache: recurrent or convolution
+    state, counters). ``cause`` is a short code (``ring``, ``mask``, ``cast``,
+    ``dequantize``, ``state``...), ``reason`` the sentence naming the node, ``fix`` what
+    would make it lazy (or why nothing needs to).
+    """
+
+    fqn: str
+    kind: str
+    cause: str
+    reason: str
+    fix: str = ""
+    methods: Tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     """Everything lazykv records in a ``.pte``. Build it with keyword arguments."""
 
     lazy_buffers: Tuple[LazyBuffer, ...] = ()
     fill_rules: Tuple[FillRule, ...] = ()
     shared_constants: Tuple[SharedConstant, ...] = ()
+    #: Mutable buffers left planned, with the reason (optional field; since lazykv 0.1).
+    unmarked_buffers: Tuple[UnmarkedBuffer, ...] = ()
     version: int = MANIFEST_VERSION
     producer: str = ""
 
@@ -183,6 +204,11 @@ class Manifest:
                 for c in self.shared_constants
             ],
         }
+        if self.unmarked_buffers:  # optional: absent when every buffer is lazy or none
+            d["unmarked_buffers"] = [
+                {**dataclasses.asdict(u), "methods": list(u.methods)}
+                for u in self.unmarked_buffers
+            ]
         return json.dumps(d, sort_keys=True, indent=None, separators=(",", ":"))
 
     def to_bytes(self) -> bytes:
@@ -253,6 +279,17 @@ class Manifest:
                 )
                 for c in d.get("shared_constants", [])
             )
+            unmarked = tuple(
+                UnmarkedBuffer(
+                    fqn=str(u["fqn"]),
+                    kind=str(u["kind"]),
+                    cause=str(u["cause"]),
+                    reason=str(u["reason"]),
+                    fix=str(u.get("fix", "")),
+                    methods=tuple(str(m) for m in u.get("methods", ())),
+                )
+                for u in d.get("unmarked_buffers", [])
+            )
         except ManifestError:
             raise
         except (KeyError, TypeError, ValueError) as e:
@@ -264,6 +301,7 @@ class Manifest:
             lazy_buffers=tuple(buffers),
             fill_rules=rules,
             shared_constants=consts,
+            unmarked_buffers=unmarked,
             version=version,
             producer=str(d.get("producer", "")),
         )

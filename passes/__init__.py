@@ -28,6 +28,7 @@ from lazykv.passes.mark_lazy_kv import MarkLazyKVPass
 from lazykv.passes.no_causal_masks import no_causal_masks
 from lazykv.passes.share_constants_by_fqn import ShareConstantsByFQN, share_constants_by_fqn
 from lazykv.passes.to_executorch_lazy import LazyKVConfig, lazy_kv_backend_config, to_executorch_lazy
+from lazykv.passes.untouched_buffers import untouched_buffers
 
 __all__ = [
     "KVCache",
@@ -45,4 +46,5 @@ __all__ = [
     "select_fqns",
     "share_constants_by_fqn",
     "to_executorch_lazy",
+    "untouched_buffers",
 ]

@@ -48,7 +48,8 @@ def drop_unused_meta_buffers(ep: ExportedProgram, method: str = "forward") -> Li
                 f"no_causal_masks() but node {reader.name!r} reads it: the model reads its "
                 f"causal mask, so attention reads the whole KV cache and the cache cannot be "
                 f"lazy. Fix: export with llama::custom_sdpa without a mask (ExecuTorch Llama: "
-                f"use_sdpa_with_kv_cache=True), or without --lazy-kv-cache."
+                f"use_sdpa_with_kv_cache=True), or export it static (plain `to_executorch`; "
+                f"on the command line, without --lazy-kv-cache)."
             )
         doomed.append((spec, node))
     if not doomed:

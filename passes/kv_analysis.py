@@ -12,20 +12,27 @@ written at a position along one axis: ``llama::update_cache`` (in place, rows
 write-back). Buffers written only as a whole (recurrent state, step counters, ...) are
 not caches and are never marked.
 
+Buffers written only at a fixed offset (a slice at a constant start, the batch rows of a
+state) are state too: a cache is written at a position that a method input gives.
+
 **The contract** (``docs/format.md``): a cache may be lazy only if every reader touches a
 prefix bounded by the current position, so memory past ``start_pos + seq_len`` is never
-read. Proven readers: ``llama::custom_sdpa`` and ``llama::sdpa_with_kv_cache`` with
+read. Proven readers: ``llama::custom_sdpa``, ``llama::custom_quantized_sdpa`` (the int8
+cache and its scales and zero points) and ``llama::sdpa_with_kv_cache`` with
 ``attn_mask=None`` whose ``start_pos`` is the same method input element as the cache
-update's and whose query length is the update's length. Anything else that reads the cache
-(SDPA with a mask, a matmul, a delegate, returning it) makes the analysis raise
-:class:`lazykv.errors.ExportRefused` naming the buffer, the node and the fix.
+update's and whose query length is the update's length. A cache with any other reader
+(SDPA with a mask, a cast, a dequantize, a matmul, a delegate, returning it) or written as
+a ring buffer stays planned: :class:`Unmarked` records the cause, the reading node and the
+fix that matches the cause (partial marking); ``strict=True`` raises
+:class:`lazykv.errors.ExportRefused` with that text instead. Buffers read by the same
+node are lazy together or not at all.
 
 **The fill rule**: the update's position argument is traced back through
 ``_local_scalar_dense``/``select``/views to one element of a user input, and its length
 along the growth axis is matched, as a symbol, to a dimension of a user input. Input
 indices count user inputs only, in the method's order; names are never looked at.
 
-One module of about 600 lines on purpose: the proof is one argument (what writes a
+One module of about 850 lines on purpose: the proof is one argument (what writes a
 cache, what reads it, where the position comes from), and its invariants hold across
 those three parts; split, they would be checked in one file and relied on in another.
 """
@@ -44,9 +51,10 @@ from lazykv.manifest import LAZY_DTYPES, FillRule
 
 #: What the refusal messages suggest when attention reads the whole cache.
 FULL_READ_FIX = (
-    "export with llama::custom_sdpa without an attention mask (ExecuTorch Llama: "
+    "read the cache with llama::custom_sdpa without an attention mask (ExecuTorch Llama: "
     "use_sdpa_with_kv_cache=True, i.e. model.use_sdpa_with_kv_cache=True in export_llm), "
-    "or export without --lazy-kv-cache / leave this buffer out of `buffers=`"
+    "or export it static (plain `to_executorch`; on the command line, without "
+    "--lazy-kv-cache) / leave this buffer out of `buffers=`"
 )
 
 
@@ -129,6 +137,30 @@ class KVCache:
     length: LengthSource
 
 
+@dataclasses.dataclass(frozen=True)
+class Unmarked:
+    """A position-indexed cache that stays planned, and why.
+
+    ``cause`` is one of: ``ring`` (a ring buffer written at computed indices),
+    ``mask`` (read by custom SDPA with an attention mask), ``cast`` (converted to another
+    dtype as a whole), ``dequantize`` (a quantized cache dequantized as a whole),
+    ``delegate``, ``returned``, ``full_read`` (any other whole read), ``position`` (read
+    up to another position), ``together`` (read by the same node as a cache that stays
+    planned), ``fill_rule``, ``out_of_place``, ``axes``, ``dtype``, ``shape``.
+    """
+
+    fqn: str
+    method: str
+    cause: str
+    reason: str
+    fix: str
+    readers: Tuple[Node, ...] = ()
+
+    def message(self) -> str:
+        """The refusal text: buffer, node, cause and the fix that matches it."""
+        return f"method {self.method!r}, buffer {self.fqn!r} {self.reason}. Fix: {self.fix}."
+
+
 @dataclasses.dataclass
 class MethodAnalysis:
     """Result of :func:`analyze_method`."""
@@ -138,10 +170,12 @@ class MethodAnalysis:
     mutable_fqns: List[str]
     #: Caches proven safe to make lazy (the selected ones, or all found).
     caches: List[KVCache]
-    #: Mutable buffers left planned, with the reason (``"step counter..."``).
+    #: Mutable buffers that are not caches (state), left planned, with the reason.
     kept: Dict[str, str]
     #: How many positions a call fills; None if the method has no lazy cache.
     fill_rule: Optional[FillRule]
+    #: Position-indexed caches left planned (partial marking), by FQN.
+    unmarked: Dict[str, Unmarked] = dataclasses.field(default_factory=dict)
 
 
 class _Untraceable(Exception):
@@ -278,7 +312,8 @@ def _positional_write(node: Node, version: Node) -> Optional[_Write]:
         value = _arg(node, 0, "value")
         return _Write(
             node, name, 1, None, False, _val(value).shape[1], True,
-            why_not="it writes at arbitrary indices (ring buffer), not a growing prefix",
+            why_not="it writes at computed indices (a ring buffer: attention sink or a "
+            "sliding window), not a growing prefix",
         )
     if name == "llama::sdpa_with_kv_cache" and version in (
         _arg(node, 3, "key_cache"), _arg(node, 4, "value_cache")
@@ -412,29 +447,46 @@ def analyze_method(
     graph_signature: ExportGraphSignature,
     method: str = "forward",
     selected: Optional[Set[str]] = None,
+    strict: bool = False,
 ) -> MethodAnalysis:
     """Find and prove the lazy KV caches of one method.
 
     ``selected``: FQNs chosen by the user (already resolved from patterns); ``None``
-    means every position-indexed cache found. Raises :class:`ExportRefused` when a
-    cache (found or selected) cannot be lazy, naming the buffer, node and fix.
+    means every position-indexed cache found. A cache the proof does not accept stays
+    planned and is listed in :attr:`MethodAnalysis.unmarked` with its cause and fix
+    (partial marking); with ``strict=True``, or when the user selected it by name,
+    :class:`ExportRefused` is raised instead, naming the buffer, node and fix. Buffers
+    read by the same attention node (a quantized cache, its scales and zero points)
+    are lazy together or not at all.
     """
     m = _Method(gm, graph_signature, method)
-    caches: List[KVCache] = []
+    caches: Dict[str, KVCache] = {}
     kept: Dict[str, str] = {}
+    unmarked: Dict[str, Unmarked] = {}
     for fqn, ph in m.buffers.items():
         if selected is not None and fqn not in selected:
             kept[fqn] = "not selected by buffers="
             continue
-        cache = _analyze_buffer(m, fqn, ph, explicit=selected is not None)
-        if isinstance(cache, str):
-            kept[fqn] = cache
+        result = _analyze_buffer(m, fqn, ph, explicit=selected is not None)
+        if isinstance(result, KVCache):
+            caches[fqn] = result
+        elif isinstance(result, Unmarked):
+            if selected is not None:
+                raise ExportRefused(result.message())
+            unmarked[fqn] = result
         else:
-            caches.append(cache)
+            kept[fqn] = result
+    _unmark_groups(m, caches, unmarked)
+    if strict and unmarked:
+        first = next(iter(unmarked.values()))
+        others = [u.fqn for u in unmarked.values()][1:]
+        more = f" ({len(others)} more buffers left planned: {others})" if others else ""
+        raise ExportRefused(f"--strict: {first.message()}{more}")
     fill_rule = None
-    if caches:
-        first = caches[0]
-        for c in caches[1:]:
+    ordered = [caches[f] for f in m.buffers if f in caches]
+    if ordered:
+        first = ordered[0]
+        for c in ordered[1:]:
             if (c.position, c.length) != (first.position, first.length):
                 raise ExportRefused(
                     f"method {method!r}: KV buffers {first.fqn!r} and {c.fqn!r} are filled "
@@ -448,7 +500,41 @@ def analyze_method(
             length_input=first.length.input_index,
             length_axis=first.length.axis,
         )
-    return MethodAnalysis(method, list(m.buffers), caches, kept, fill_rule)
+    return MethodAnalysis(method, list(m.buffers), ordered, kept, fill_rule, unmarked)
+
+
+def _unmark_groups(m: _Method, caches: Dict[str, KVCache], unmarked: Dict[str, Unmarked]) -> None:
+    """Buffers read by one node (k, v, their scales and zero points) are lazy together:
+    when one of them stays planned, so do the others (one fill rule, grown together)."""
+    readers_of: Dict[Node, List[str]] = {}
+
+    def attention(r: Node) -> bool:  # not the output node: it lists every mutated buffer
+        return r.op == "call_function" and op_name(r.target) in _BOUNDED_READERS
+
+    for fqn, c in caches.items():
+        for r in filter(attention, c.readers):
+            readers_of.setdefault(r, []).append(fqn)
+    for fqn, u in unmarked.items():
+        for r in filter(attention, u.readers):
+            readers_of.setdefault(r, []).append(fqn)
+    changed = True
+    while changed:
+        changed = False
+        for reader, fqns in readers_of.items():
+            planned = [f for f in fqns if f in unmarked]
+            if not planned:
+                continue
+            why = unmarked[planned[0]]
+            for f in fqns:
+                if f in caches:
+                    c = caches.pop(f)
+                    unmarked[f] = Unmarked(
+                        f, m.method, "together",
+                        f"is read together with {why.fqn!r} by {_describe(reader)}, and "
+                        f"{why.fqn!r} stays planned ({why.cause}: {why.reason})",
+                        why.fix, tuple(c.readers),
+                    )
+                    changed = True
 
 
 def _fmt_rule(c: KVCache) -> str:
@@ -458,8 +544,35 @@ def _fmt_rule(c: KVCache) -> str:
     )
 
 
+def _is_constant_position(m: _Method, w: _Write) -> bool:
+    """Whether a write starts at a fixed offset (a literal, or a constant tensor), not at
+    a position that a method input gives."""
+    pos = w.position
+    if pos is None or isinstance(pos, torch.SymInt):
+        return False
+    if isinstance(pos, (int, float)):
+        return True
+    cur = pos
+    for _ in range(16):
+        if not isinstance(cur, Node):
+            return isinstance(cur, (int, float))
+        if cur.op == "get_attr":
+            return True
+        if cur.op == "placeholder":
+            buffers = {n.name for n in m.buffers.values()}
+            return m.user_index(cur) is None and cur.name not in buffers
+        if cur.op != "call_function" or not cur.args:
+            return False
+        name = op_name(cur.target)
+        if name not in _PASS_THROUGH and name not in _VIEWS and name != "aten::select":
+            return False
+        cur = cur.args[0]
+    return False
+
+
 def _analyze_buffer(m: _Method, fqn: str, ph: Node, explicit: bool):
-    """A :class:`KVCache`, or a string saying why the buffer is not a cache (kept planned)."""
+    """A :class:`KVCache`, an :class:`Unmarked` cache, or a string saying why the buffer
+    is not a cache (state: kept planned)."""
     where = f"method {m.method!r}, buffer {fqn!r}"
     val = _val(ph)
     if not isinstance(val, torch.Tensor):
@@ -491,28 +604,42 @@ def _analyze_buffer(m: _Method, fqn: str, ph: Node, explicit: bool):
                     plain_writes.append(user)  # write-back of a new version into the buffer
                     continue
             readers.append((user, v))
-    if not writes:
+    state = (
+        "state: written as a whole or at a fixed offset, never at a position taken from "
+        "a method input (e.g. recurrent or convolution state); not a KV cache, stays planned"
+    )
+    if not writes or all(_is_constant_position(m, w) for w in writes):
         if explicit:
             raise ExportRefused(
                 f"{where} was selected for a lazy KV cache but is not a position-indexed "
-                f"cache: nothing writes it at a position along one axis (it is written as a "
-                f"whole{' by ' + ', '.join(repr(n.name) for n in plain_writes) if plain_writes else ''}"
+                f"cache: nothing writes it at a position along one axis taken from a method "
+                f"input (it is written as a whole or at a fixed offset"
+                f"{' by ' + ', '.join(repr(n.name) for n in (plain_writes or [w.node for w in writes]))}"
                 f", like a recurrent state or a step counter). Remove it from `buffers=`; it "
                 f"stays memory planned."
             )
-        return "not position-indexed (state or counter): stays planned"
+        return state
+    reader_nodes = tuple(r for r, _ in readers)
+
+    def unmarked(cause: str, reason: str, fix: str) -> Unmarked:
+        return Unmarked(fqn, m.method, cause, reason, fix, reader_nodes)
+
     for w in writes:
         if w.why_not:
-            raise ExportRefused(
-                f"{where} is written by {_describe(w.node)} but {w.why_not}: a lazy cache "
-                f"needs writes that fill a growing prefix. Export without --lazy-kv-cache "
-                f"or leave this buffer out of `buffers=`."
+            return unmarked(
+                "ring",
+                f"is written by {_describe(w.node)} but {w.why_not}; its "
+                f"{_static(val.shape[w.growth_axis or 0])} positions are bounded by the window, "
+                f"not the max context, and every slot is read once the window wraps",
+                "to make it lazy, export without model.use_attention_sink and "
+                "model.local_global_attention; otherwise it simply stays planned (without "
+                "--strict the other caches are still lazy)",
             )
     axes = {w.growth_axis for w in writes}
     if len(axes) != 1:
-        raise ExportRefused(
-            f"{where} is written along several axes {sorted(axes)}; a lazy cache grows "
-            f"along one. Leave it out of `buffers=`."
+        return unmarked(
+            "axes", f"is written along several axes {sorted(axes, key=str)}",
+            "a lazy cache grows along one axis; leave it out of `buffers=`",
         )
     axis = axes.pop()
     # Fill rule (position + length), the same for every write.
@@ -523,6 +650,15 @@ def _analyze_buffer(m: _Method, fqn: str, ph: Node, explicit: bool):
     except _Untraceable as e:
         pos_src = None
         fill_error = str(e)
+        if writes[0].position_is_tensor and "computed by" in fill_error:
+            return unmarked(
+                "ring",
+                f"is written by {_describe(writes[0].node)} at indices that are computed "
+                f"({fill_error}), a ring buffer or scatter, not a growing prefix",
+                "to make it lazy, write it at a position taken from a method input "
+                "(llama::update_cache, ExecuTorch Llama: model.use_sdpa_with_kv_cache=True); "
+                "otherwise it simply stays planned",
+            )
     else:
         fill_error = None
         if len(sources) != 1:
@@ -530,32 +666,38 @@ def _analyze_buffer(m: _Method, fqn: str, ph: Node, explicit: bool):
         pos_src = next(iter(sources)) if len(sources) == 1 else None
     # The safety proof: every reader reads a prefix bounded by the current position.
     for reader, v in readers:
-        ok, why = _bounded_read(m, reader, v, pos_src)
-        if not ok:
-            raise ExportRefused(
-                f"{where}: {_describe_read(reader)} {why}, so memory past the current position "
-                f"would be read and a lazy cache is not safe (and would save nothing). "
-                f"Fix: {FULL_READ_FIX}."
+        problem = _bounded_read(m, reader, v, pos_src, axis)
+        if problem is not None:
+            cause, why, fix = problem
+            return unmarked(
+                cause,
+                f"{_describe_read(reader)} {why}, so memory past the current position would "
+                f"be read and a lazy cache is not safe",
+                fix,
             )
     if fill_error is not None or pos_src is None:
-        raise ExportRefused(
-            f"{where}: cannot derive how many positions a call fills ({fill_error}); the "
-            f"cache update's position must be an element of a method input and its length a "
-            f"dimension of a method input. Leave this buffer out of `buffers=`."
+        return unmarked(
+            "fill_rule",
+            f"lazykv cannot derive how many positions a call fills ({fill_error})",
+            "the cache update's position must be an element of a method input and its "
+            "length a dimension of a method input; leave this buffer out of `buffers=`",
         )
     out_of_place = [w for w in writes if not w.in_place]
     if out_of_place:
-        raise ExportRefused(
-            f"{where} is written out of place by {_describe(out_of_place[0].node)}: each call "
-            f"builds a full-size copy of the cache, which cannot be lazy. Fix: update the "
-            f"cache in place with llama::update_cache (ExecuTorch Llama: "
-            f"use_sdpa_with_kv_cache=True)."
+        return unmarked(
+            "out_of_place",
+            f"is written out of place by {_describe(out_of_place[0].node)}: each call "
+            f"builds a full-size copy of the cache",
+            "update the cache in place with llama::update_cache (ExecuTorch Llama: "
+            "model.use_sdpa_with_kv_cache=True)",
         )
     if str(val.dtype).replace("torch.", "") not in LAZY_DTYPES:
-        raise ExportRefused(f"{where}: dtype {val.dtype} is not supported by lazykv")
+        return unmarked("dtype", f"has dtype {val.dtype}, which lazykv does not support",
+                        "export the cache as float32, bfloat16 or int8")
     max_shape = tuple(_static(d) for d in val.shape)
     if any(d is None for d in max_shape):
-        raise ExportRefused(f"{where}: the buffer's shape {tuple(val.shape)} is not static")
+        return unmarked("shape", f"has a dynamic shape {tuple(val.shape)}",
+                        "export the cache with a static upper-bound shape")
     position, length = pos_src
     return KVCache(
         fqn=fqn,
@@ -564,47 +706,100 @@ def _analyze_buffer(m: _Method, fqn: str, ph: Node, explicit: bool):
         max_shape=max_shape,
         growth_axis=axis,
         writers=[w.node for w in writes] + plain_writes,
-        readers=[r for r, _ in readers],
+        readers=list(reader_nodes),
         position=position,
         length=length,
     )
 
 
+#: Readers that touch only rows ``< start_pos + seq_len`` when given no mask (DESIGN
+#: fact 2; ExecuTorch ``extension/llm/custom_ops/op_sdpa.cpp``: ``custom_sdpa_out_impl``
+#: sets ``num_keys_for_causal_attention = start_pos + seq_len`` without a mask and
+#: ``cpu_flash_attention`` reads keys, values and, for the quantized op, their scales and
+#: zero points only for ``n < num_keys``). Value: argument positions of
+#: (query, start_pos, attn_mask) and of every cache-like argument.
+_BOUNDED_READERS = {
+    "llama::custom_sdpa": (0, 3, 4, (1, 2)),
+    "llama::custom_quantized_sdpa": (0, 3, 4, (1, 2, 10, 11, 12, 13)),
+    "llama::sdpa_with_kv_cache": (0, 5, 7, (3, 4)),
+}
+_ARG_NAMES = {
+    "llama::custom_sdpa": ("query", "start_pos", "attn_mask"),
+    "llama::custom_quantized_sdpa": ("query", "start_pos", "attn_mask"),
+    "llama::sdpa_with_kv_cache": ("query", "start_pos", "attn_mask"),
+}
+_CASTS = {"aten::_to", "aten::to", "dim_order_ops::_to_dim_order_copy", "dim_order_ops::_to_dim_order"}
+_READ_VIEWS = _VIEWS | {
+    "aten::expand", "aten::permute", "aten::transpose", "aten::t", "aten::contiguous",
+    "aten::alias", "aten::detach", "view",
+}
+
+MASK_FIX = (
+    "custom SDPA reads only the filled prefix when it is given no mask: export with "
+    "llama::custom_sdpa without an attention mask (ExecuTorch Llama: "
+    "model.use_sdpa_with_kv_cache=True, and neither model.use_attention_sink nor "
+    "use_custom_sdpa_with_attention_mask)"
+)
+FP16_FIX = (
+    "export with model.dtype_override=fp32 or bf16: ExecuTorch's custom SDPA has no "
+    "float16 kernel, so its SDPACustom converts float16 caches to float32 as a whole on "
+    "every call, while float32 and bfloat16 caches are read in place"
+)
+DEQUANT_FIX = (
+    "export with model.use_sdpa_with_kv_cache=True (and model.quantize_kv_cache=True): "
+    "llama::custom_quantized_sdpa then reads the int8 cache, its scales and zero points "
+    "in place, only up to the current position"
+)
+
+
 def _bounded_read(
-    m: _Method, reader: Node, version: Node, src: Optional[Tuple[PositionSource, LengthSource]]
-) -> Tuple[bool, str]:
-    """Whether ``reader`` reads only ``[0, position + length)`` of the cache."""
+    m: _Method,
+    reader: Node,
+    version: Node,
+    src: Optional[Tuple[PositionSource, LengthSource]],
+    axis: int,
+) -> Optional[Tuple[str, str, str]]:
+    """None if ``reader`` reads only ``[0, position + length)`` of the cache, else
+    ``(cause, why, fix)``."""
     if reader.op == "output":
         args = reader.args[0] if reader.args else ()
         flat = list(args) if isinstance(args, (list, tuple)) else [args]
         for i, a in enumerate(flat):
             if a is version and i >= m.n_mutation_outputs:
-                return False, "returns the whole cache to the caller"
-        return True, ""
+                return ("returned", "returns the whole cache to the caller",
+                        "do not return the cache from the method")
+        return None
     if reader.op != "call_function":
-        return False, "reads the whole cache"
+        return ("full_read", "reads the whole cache", FULL_READ_FIX)
     name = op_name(reader.target)
-    if name in _BOUNDED_SDPA or name == "llama::sdpa_with_kv_cache":
-        if name == "llama::sdpa_with_kv_cache":
-            mask, pos, q = _arg(reader, 7, "attn_mask"), _arg(reader, 5, "start_pos"), _arg(reader, 0, "query")
-        else:
-            mask, pos, q = _arg(reader, 4, "attn_mask"), _arg(reader, 3, "start_pos"), _arg(reader, 0, "query")
+    spec = _BOUNDED_READERS.get(name)
+    if spec is not None:
+        qi, pi, mi, cache_args = spec
+        qname, pname, mname = _ARG_NAMES[name]
+        mask, pos, q = _arg(reader, mi, mname), _arg(reader, pi, pname), _arg(reader, qi, qname)
         if mask is not None:
-            return False, (
+            return (
+                "mask",
                 f"is given an attention mask ({getattr(mask, 'name', mask)!r}): with a mask "
-                f"custom SDPA reads the whole cache, not the prefix up to start_pos + seq_len"
+                f"custom SDPA reads the whole cache, not the prefix up to start_pos + seq_len",
+                MASK_FIX,
             )
+        if name != "llama::sdpa_with_kv_cache" and _arg(reader, 14 if name.endswith(
+                "quantized_sdpa") else 8, "is_seq_at_dim_2", False):
+            return ("full_read", "reads the cache with the sequence on axis 2", FULL_READ_FIX)
+        if axis != 1:
+            return ("full_read", f"reads along axis 1 but the cache grows along axis {axis}",
+                    FULL_READ_FIX)
         if src is None:
-            return True, ""  # reported by the fill-rule check
+            return None  # reported by the fill-rule check
         try:
             p = m.position_source(pos, False)
         except _Untraceable as e:
-            return False, f"reads up to a start_pos that cannot be traced to a method input ({e})"
+            return ("position", f"reads up to a start_pos that cannot be traced to a method "
+                    f"input ({e})", FULL_READ_FIX)
         if p != src[0]:
-            return False, (
-                f"reads up to start_pos = input[{p.input_index}].flat[{p.flat_index}], not the "
-                f"position the cache is written at"
-            )
+            return ("position", f"reads up to start_pos = input[{p.input_index}].flat["
+                    f"{p.flat_index}], not the position the cache is written at", FULL_READ_FIX)
         qlen = _val(q).shape[1] if isinstance(_val(q), torch.Tensor) else None
         try:
             ql = m.length_source(qlen)
@@ -614,8 +809,39 @@ def _bounded_read(
             _val(m.placeholders[m.user_inputs[ql.input_index]]).shape[ql.axis],
             _val(m.placeholders[m.user_inputs[src[1].input_index]]).shape[src[1].axis],
         ):
-            return False, "reads a query longer than the cache update"
-        return True, ""
-    if name == "executorch_call_delegate" or "call_delegate" in name:
-        return False, "passes the cache to a backend delegate, which may read all of it"
-    return False, "reads the whole cache"
+            return ("position", "reads a query longer than the cache update", FULL_READ_FIX)
+        return None
+    final = _through_views(reader)
+    fname = op_name(final.target) if final.op == "call_function" else final.op
+    if fname == "executorch_call_delegate" or "call_delegate" in fname:
+        return ("delegate", "passes the cache to a backend delegate, which may read all of it",
+                "keep the cache out of delegated ops: read it with llama::custom_sdpa "
+                "(ExecuTorch Llama: model.use_sdpa_with_kv_cache=True keeps attention out of "
+                "XNNPACK)")
+    if fname in _CASTS:
+        src_dt = _val(version).dtype if isinstance(_val(version), torch.Tensor) else None
+        dst = _val(final)
+        dst_dt = dst.dtype if isinstance(dst, torch.Tensor) else None
+        fix = FP16_FIX if src_dt == torch.float16 else (
+            "read the cache in its own dtype (custom SDPA reads float32 and bfloat16 caches "
+            "in place)"
+        )
+        return ("cast", f"converts the whole cache from {src_dt} to {dst_dt} on every call",
+                fix)
+    if fname.startswith("quantized_decomposed::dequantize"):
+        return ("dequantize", "dequantizes the whole cache on every call (a quantized KV "
+                "cache returning float values)", DEQUANT_FIX)
+    if fname == "output":
+        return ("returned", "returns the whole cache to the caller",
+                "do not return the cache from the method")
+    return ("full_read", "reads the whole cache", FULL_READ_FIX)
+
+
+def _through_views(node: Node) -> Node:
+    """Follow single-user view and permute ops from ``node`` to the op that reads."""
+    cur = node
+    for _ in range(16):
+        if cur.op != "call_function" or op_name(cur.target) not in _READ_VIEWS or len(cur.users) != 1:
+            return cur
+        cur = next(iter(cur.users))
+    return cur

@@ -26,6 +26,7 @@ or use :func:`lazykv.passes.to_executorch_lazy`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Set
 
@@ -38,7 +39,14 @@ from torch.fx import GraphModule
 from lazykv import _et_compat
 from lazykv.errors import ExportRefused, NoMatchingBuffer
 from lazykv.format.scalar_type import BY_DTYPE, nbytes
-from lazykv.manifest import MANIFEST_KEY, FillRule, LazyBuffer, Manifest, producer_string
+from lazykv.manifest import (
+    MANIFEST_KEY,
+    FillRule,
+    LazyBuffer,
+    Manifest,
+    UnmarkedBuffer,
+    producer_string,
+)
 from lazykv.passes.kv_analysis import MethodAnalysis
 from lazykv.passes.mark_lazy_kv import MarkLazyKVPass
 
@@ -55,9 +63,12 @@ class LazyKVProgramState:
         named_data_store: where the manifest goes (``EdgeProgramManager._named_data_store``,
             or an object with ``add_named_data(key, bytes)``); None keeps the manifest in
             :attr:`manifest` only.
-        require_kv: refuse a program in which no KV cache is found.
+        require_kv: refuse a program in which no KV cache can be lazy.
         shared_constants: :class:`lazykv.manifest.SharedConstant` records (from the
             constant-sharing pass) to carry in the same manifest.
+        strict: refuse (``ExportRefused``) a KV cache the proof does not accept instead
+            of leaving it planned and recording it in the manifest's
+            ``unmarked_buffers``.
     """
 
     def __init__(
@@ -68,6 +79,7 @@ class LazyKVProgramState:
         named_data_store: Any = None,
         require_kv: bool = True,
         shared_constants: Sequence[Any] = (),
+        strict: bool = False,
     ) -> None:
         if not methods:
             raise ValueError("methods must name at least one method")
@@ -75,11 +87,35 @@ class LazyKVProgramState:
         self.selected = None if selected is None else list(selected)
         self.named_data_store = named_data_store
         self.require_kv = require_kv
+        self.strict = strict
         self.shared_constants = tuple(shared_constants)
         self.analyses: Dict[str, MethodAnalysis] = {}
         self._multimethod_done: Set[str] = set()
         self._inner_done: Set[int] = set()
         self.manifest: Optional[Manifest] = None
+
+    def _unmarked(self, lazy: Dict[str, Any]) -> List[UnmarkedBuffer]:
+        """Every mutable buffer left planned, with its reason (caches first)."""
+        out: Dict[str, UnmarkedBuffer] = {}
+        for method in self.methods:
+            a = self.analyses.get(method)
+            if a is None:
+                continue
+            rows = [(f, "kv_cache", u.cause, u.reason, u.fix) for f, u in a.unmarked.items()]
+            rows += [
+                (f, "state", "state", r, "none needed: not a KV cache")
+                for f, r in a.kept.items()
+                if r.startswith("state:")
+            ]
+            for fqn, kind, cause, reason, fix in rows:
+                if fqn in lazy:
+                    continue
+                prev = out.get(fqn)
+                if prev is None:
+                    out[fqn] = UnmarkedBuffer(fqn, kind, cause, reason, fix, (method,))
+                elif method not in prev.methods:
+                    out[fqn] = dataclasses.replace(prev, methods=prev.methods + (method,))
+        return sorted(out.values(), key=lambda u: (u.kind != "kv_cache",))
 
     def build_manifest(self) -> Manifest:
         """The manifest of every method analysed so far; refuses inconsistent methods."""
@@ -111,7 +147,7 @@ class LazyKVProgramState:
                 if fqn in buffers and method not in buffers[fqn].methods:
                     raise ExportRefused(
                         f"KV buffer {fqn!r} is lazy in method(s) {list(buffers[fqn].methods)} "
-                        f"but stays planned in {method!r} ({a.kept.get(fqn, 'not a cache there')}); "
+                        f"but stays planned in {method!r} ({_why_planned(a, fqn)}); "
                         f"a buffer shared by methods must be lazy in all of them. Leave it out "
                         f"of `buffers=` or make every method update it with llama::update_cache."
                     )
@@ -123,19 +159,34 @@ class LazyKVProgramState:
                     f"selected buffers {missing} are not mutable buffers of any method; "
                     f"mutable buffers seen: {sorted(seen)}"
                 )
+        unmarked = self._unmarked(buffers)
         if self.require_kv and not buffers:
+            caches = [u for u in unmarked if u.kind == "kv_cache"]
+            if caches:
+                first = caches[0]
+                same = [u.fqn for u in caches[1:] if u.cause == first.cause]
+                other = [f"{u.fqn} ({u.cause})" for u in caches[1:] if u.cause != first.cause]
+                raise ExportRefused(
+                    "--lazy-kv-cache: no KV cache can be lazy, so the program would not "
+                    "change (export without --lazy-kv-cache for the static one). "
+                    f"Buffer {first.fqn!r} (method {first.methods[0]!r}) {first.reason}. "
+                    f"Fix: {first.fix}."
+                    + (f" The same holds for {same}." if same else "")
+                    + (f" Also left planned: {other}." if other else "")
+                )
             seen = {f: r for a in self.analyses.values() for f, r in a.kept.items()}
             raise ExportRefused(
-                "--lazy-kv-cache: no position-indexed KV cache was found in methods "
+                "lazy KV cache requested, but no position-indexed KV cache was found in methods "
                 f"{list(self.analyses)} (mutable buffers seen: "
                 f"{ {f: r for f, r in seen.items()} or 'none'}). A KV cache is a mutable buffer "
                 "written at a position along one axis, e.g. by llama::update_cache. Export "
-                "without --lazy-kv-cache."
+                "it static (plain `to_executorch`; on the command line, without --lazy-kv-cache)."
             )
         manifest = Manifest(
             lazy_buffers=tuple(buffers.values()),
             fill_rules=tuple(rules),
             shared_constants=self.shared_constants,
+            unmarked_buffers=tuple(unmarked),
             producer=producer_string(),
         )
         manifest.validate("the exported program")
@@ -198,6 +249,7 @@ class LazyKVMemoryPlanningPass(PassBase):
             method,
             buffers=buffers if state is None else None,
             selected=self.state.selected if state is not None else None,
+            strict=self.state.strict,
         )
 
     # ExecuTorch sets this attribute on the pass it is given; forward it to the planner.
@@ -276,3 +328,9 @@ class LazyKVMemoryPlanningPass(PassBase):
 
 def _nbytes(shape, dtype: str) -> int:
     return nbytes(BY_DTYPE[dtype].code, shape)
+
+
+def _why_planned(analysis: MethodAnalysis, fqn: str) -> str:
+    if fqn in analysis.unmarked:
+        return analysis.unmarked[fqn].reason
+    return analysis.kept.get(fqn, "not a cache there")

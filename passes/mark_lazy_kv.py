@@ -10,10 +10,11 @@ Contract (``docs/format.md``, DESIGN "The contract of a lazy KV buffer"):
   ExecuTorch's planning.
 - **does**: finds position-indexed caches by graph structure (:mod:`.kv_analysis`),
   proves every reader reads a prefix bounded by the current position, and sets
-  ``spec.shape_dynamism = TensorShapeDynamism.DYNAMIC_UNBOUND`` on each one's spec.
-  Raises :class:`lazykv.errors.ExportRefused` (buffer, node, fix) instead of marking a
-  cache that is read in full. Recurrent state, counters and other mutable buffers are
-  never marked.
+  ``spec.shape_dynamism = TensorShapeDynamism.DYNAMIC_UNBOUND`` on each one's spec. A
+  cache read in full (or a ring buffer) is left planned and listed, with its cause and
+  fix, in ``analysis.unmarked``; with ``strict=True`` it raises
+  :class:`lazykv.errors.ExportRefused` (buffer, node, fix) instead. Recurrent state,
+  counters and other mutable buffers are never marked.
 - **ensures**: every marked spec is DYNAMIC_UNBOUND and carries no ``mem_id`` /
   ``mem_offset`` (ExecuTorch's planner skips DYNAMIC_UNBOUND specs, so after planning
   "marked = unplanned").
@@ -48,6 +49,8 @@ class MarkLazyKVPass(PassBase):
             :class:`lazykv.errors.NoMatchingBuffer` (unless ``selected`` is given).
         selected: FQNs already resolved across all methods of a program (used by
             :class:`LazyKVMemoryPlanningPass`; then ``buffers`` must be None).
+        strict: refuse a KV cache the proof does not accept instead of leaving it
+            planned (the analysis lists those in ``unmarked``).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class MarkLazyKVPass(PassBase):
         *,
         buffers: Optional[Union[str, Sequence[str]]] = None,
         selected: Optional[Sequence[str]] = None,
+        strict: bool = False,
     ) -> None:
         if not isinstance(method, str) or not method:
             raise ValueError(f"method must be a non-empty string, got {method!r}")
@@ -66,6 +70,7 @@ class MarkLazyKVPass(PassBase):
         self.graph_signature = graph_signature
         self.patterns = normalize_patterns(buffers)
         self.selected = None if selected is None else frozenset(selected)
+        self.strict = strict
         self.analysis: Optional[MethodAnalysis] = None
 
     def requires(self, graph_module: GraphModule) -> None:
@@ -100,7 +105,7 @@ class MarkLazyKVPass(PassBase):
         if self.patterns is not None:
             mutated = [s.target for s in sig.input_specs if s.target in set(sig.buffers_to_mutate.values())]
             selected = frozenset(select_fqns(self.patterns, mutated))
-        self.analysis = analyze_method(graph_module, sig, self.method, selected)
+        self.analysis = analyze_method(graph_module, sig, self.method, selected, self.strict)
         n = 0
         for cache in self.analysis.caches:
             spec = cache.placeholder.meta["spec"]

@@ -8,10 +8,13 @@ context: 16 GiB per layer at N=131072, never read by ``llama::custom_sdpa`` with
 - ``torch.ones``/``zeros``/``full``/``empty`` of shape ``(N, N)`` (any trailing
   leading dims of size 1 allowed, i.e. ``(..., N, N)``) are created on ``device="meta"``;
   ops on meta tensors (``tril``, ``masked_fill``...) stay meta. Nothing N x N is allocated.
-- floating ``torch.zeros`` with a dimension equal to N (the KV caches, which cannot be
-  meta: ``llama::update_cache`` needs a real tensor at export) become ``torch.empty``:
-  the pages are never touched, so they cost no resident memory. A mutable buffer's initial
-  contents are not serialized by ExecuTorch anyway (only shape and dtype).
+- ``torch.zeros``/``ones`` of 3 or more dimensions, one of them N, of any dtype but
+  bool (the KV caches, which cannot be meta: ``llama::update_cache`` needs a real tensor
+  at export; and a quantized cache's int8 values, scales and zero points) become
+  ``torch.empty``: the pages are never touched, so they cost no resident memory. A
+  mutable buffer's initial contents are not serialized by ExecuTorch anyway (only
+  shape and dtype). ``on_empty(tensor)`` is called with each such tensor
+  (:class:`lazykv.passes.untouched_buffers` keeps them untouched through export).
 
 Use it around model construction and source transforms (it may also stay active around
 a non-strict ``torch.export``). A model that does read its mask (plain SDPA, custom SDPA
@@ -24,7 +27,7 @@ context manager).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -54,18 +57,22 @@ class no_causal_masks(TorchFunctionMode):
 
     Args:
         max_context: N, the exported max context length (must be > 1).
-        empty_kv: also turn floating ``zeros`` with a dimension N into ``empty``.
+        empty_kv: also turn ``zeros``/``ones`` of rank >= 3 with a dimension N into ``empty``.
+        on_empty: called with every tensor made ``empty`` that way.
 
     Attributes after use: ``masks_on_meta`` and ``zeros_made_empty`` count what was
     redirected (0 masks for a model that builds none is not an error).
     """
 
-    def __init__(self, max_context: int, *, empty_kv: bool = True) -> None:
+    def __init__(
+        self, max_context: int, *, empty_kv: bool = True, on_empty: Optional[Callable] = None
+    ) -> None:
         super().__init__()
         if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context < 2:
             raise ValueError(f"max_context must be an int >= 2, got {max_context!r}")
         self.max_context = max_context
         self.empty_kv = empty_kv
+        self.on_empty = on_empty
         self.masks_on_meta = 0
         self.zeros_made_empty = 0
 
@@ -83,14 +90,17 @@ class no_causal_masks(TorchFunctionMode):
             dtype = kwargs.get("dtype") or torch.get_default_dtype()
             if (
                 self.empty_kv
-                and func is torch.zeros
+                and func in (torch.zeros, torch.ones)
                 and n in shape
                 and len(shape) >= 3
-                and dtype.is_floating_point
+                and dtype != torch.bool
                 and str(kwargs.get("device", "cpu")) != "meta"
             ):
                 self.zeros_made_empty += 1
-                return torch.empty(*args, **kwargs)
+                out = torch.empty(*args, **kwargs)
+                if self.on_empty is not None:
+                    self.on_empty(out)
+                return out
         elif self.masks_on_meta:
             self._refuse_mask_reads(func, args, kwargs)
         return func(*args, **kwargs)
@@ -115,5 +125,6 @@ class no_causal_masks(TorchFunctionMode):
                 f"whole KV cache, so the cache cannot be lazy and no_causal_masks() cannot "
                 f"keep the N x N mask off the heap. Fix: export with llama::custom_sdpa "
                 f"without a mask (ExecuTorch Llama: use_sdpa_with_kv_cache=True), or export "
-                f"without --lazy-kv-cache (and without no_causal_masks)."
+                f"it static without no_causal_masks (plain `to_executorch`; on the command "
+                f"line, without --lazy-kv-cache)."
             )

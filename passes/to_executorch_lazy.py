@@ -39,15 +39,19 @@ from lazykv.passes.lazy_kv_memory_planning import LazyKVMemoryPlanningPass, Lazy
 class LazyKVConfig:
     """lazykv's options for :func:`to_executorch_lazy`.
 
-    ``buffers``: ``None`` marks every KV cache found by graph structure; otherwise exact
-    FQNs or ``"re:"`` regexes (no substring matching; a pattern matching no mutable
-    buffer raises :class:`lazykv.errors.NoMatchingBuffer`). ``require_kv``: refuse a
-    program with no KV cache (the caller asked for lazy KV; silently doing nothing would
-    hide a mistake).
+    ``buffers``: ``None`` marks every KV cache found by graph structure that the proof
+    accepts; otherwise exact FQNs or ``"re:"`` regexes (no substring matching; a pattern
+    matching no mutable buffer raises :class:`lazykv.errors.NoMatchingBuffer`).
+    ``require_kv``: refuse a program in which no KV cache can be lazy (the caller asked
+    for lazy KV; silently doing nothing would hide a mistake). ``strict``: refuse a KV
+    cache the proof does not accept (ring buffer, masked, cast or dequantized read...)
+    instead of leaving it planned and listing it, with its reason, in the manifest's
+    ``unmarked_buffers`` (partial marking, the default).
     """
 
     buffers: Optional[tuple] = None
     require_kv: bool = True
+    strict: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "buffers", normalize_patterns(self.buffers))
@@ -71,6 +75,7 @@ def lazy_kv_backend_config(
     require_kv: bool = True,
     named_data_store: Any = None,
     shared_constants: Sequence[Any] = (),
+    strict: bool = False,
 ) -> ExecutorchBackendConfig:
     """A copy of ``backend_config`` that makes the KV caches of ``edge_manager`` lazy.
 
@@ -103,6 +108,7 @@ def lazy_kv_backend_config(
         named_data_store=named_data_store,
         require_kv=require_kv,
         shared_constants=shared_constants,
+        strict=strict,
     )
     user_mp = backend_config.memory_planning_pass
     default_mp = ExecutorchBackendConfig.__dataclass_fields__["memory_planning_pass"].default
@@ -180,6 +186,7 @@ def to_executorch_lazy(
             require_kv=lazy_cfg.require_kv,
             named_data_store=store,
             shared_constants=shared_constants,
+            strict=lazy_cfg.strict,
         )
         for name in edge_manager.methods:
             # Masks that no_causal_masks() kept on meta must not reach the emitter.

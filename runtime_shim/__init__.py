@@ -18,53 +18,57 @@ then :class:`LazyProgram`, a thin object over ``executorch.runtime``. Modules:
 ``prepare`` and ``loader`` (the load), ``program_cache`` and ``rebound_file`` (the disk
 cache), ``inputs`` (one description of a method's inputs, full and fast checks),
 ``session`` and ``session_file``, ``policy`` and ``allocator`` (growth), ``weight_cache``
-and ``native`` (XNNPACK's weight cache, constants shared across methods at run time).
+and ``native`` (XNNPACK's weight cache, constants shared across methods at run time),
+``prompt_cache`` (prefixes kept within a budget), ``native_runtime`` (the C++ runtime).
+
+Importing this package is cheap: the names below are imported on first use (PEP 562),
+so ``lazykv.runtime_shim.policy`` can check a policy string without torch, and the
+runtime (torch, ExecuTorch) loads with the first ``load``. Nothing here imports
+ExecuTorch's export stack: programs are read by :mod:`lazykv.format`.
 """
 
-from lazykv.runtime_shim.allocator import (
-    AllocEvent,
-    DynamicAllocator,
-    TorchAllocator,
-    TrackingAllocator,
-)
-from lazykv.runtime_shim.policy import (
-    POLICIES,
-    Doubling,
-    GrowthPolicy,
-    Hybrid,
-    PolicyError,
-    Preallocate,
-    Step,
-    parse_policy,
-)
-from lazykv.runtime_shim.inputs import InputSpec, MethodInfo
-from lazykv.runtime_shim.prepare import PreparedProgram, prepare
-from lazykv.runtime_shim.program import LazyProgram, load
-from lazykv.runtime_shim.prompt_cache import PromptCache, PromptCacheStats
-from lazykv.runtime_shim.session import Freed, Session, SessionStats
+from __future__ import annotations
 
-__all__ = [
-    "load",
-    "prepare",
-    "PreparedProgram",
-    "LazyProgram",
-    "MethodInfo",
-    "InputSpec",
-    "Session",
-    "SessionStats",
-    "Freed",
-    "PromptCache",
-    "PromptCacheStats",
-    "DynamicAllocator",
-    "TorchAllocator",
-    "TrackingAllocator",
-    "AllocEvent",
-    "GrowthPolicy",
-    "Doubling",
-    "Step",
-    "Hybrid",
-    "Preallocate",
-    "POLICIES",
-    "PolicyError",
-    "parse_policy",
-]
+import importlib
+
+#: Public name -> the submodule that defines it.
+_EXPORTS = {
+    "load": "program",
+    "LazyProgram": "program",
+    "prepare": "prepare",
+    "PreparedProgram": "prepare",
+    "MethodInfo": "inputs",
+    "InputSpec": "inputs",
+    "Session": "session",
+    "SessionStats": "session",
+    "Freed": "session",
+    "PromptCache": "prompt_cache",
+    "PromptCacheStats": "prompt_cache",
+    "DynamicAllocator": "allocator",
+    "TorchAllocator": "allocator",
+    "TrackingAllocator": "allocator",
+    "AllocEvent": "allocator",
+    "GrowthPolicy": "policy",
+    "Doubling": "policy",
+    "Step": "policy",
+    "Hybrid": "policy",
+    "Preallocate": "policy",
+    "POLICIES": "policy",
+    "PolicyError": "policy",
+    "parse_policy": "policy",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

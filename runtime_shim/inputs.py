@@ -203,11 +203,7 @@ class MethodInfo:
         if length < 1:
             raise InvalidInput(f"{method}: input {r.length_input} holds no positions (length 0)")
         if pos != filled:
-            raise InvalidInput(
-                f"{method}: call starts at position {pos} but this session has filled "
-                f"{filled}; positions must continue at {filled} (no gaps). To go "
-                f"back, trim({filled - pos if pos < filled else 0}) or reset() first"
-            )
+            raise InvalidInput(f"{method}: {_position_advice(pos, filled)}")
         need = pos + length
         if bound is not None and need > bound:
             raise ContextOverflow(
@@ -216,6 +212,20 @@ class MethodInfo:
                 f"the session, or export with a larger max context"
             )
         return need
+
+
+def _position_advice(pos: int, filled: int) -> str:
+    """Why a call starting at ``pos`` cannot run in a session with ``filled`` positions,
+    and what to do instead."""
+    if pos < 0:
+        return f"call starts at position {pos}; positions are >= 0 (this session has filled {filled})"
+    if pos > filled:
+        where = "nothing yet" if filled == 0 else f"positions 0..{filled - 1}"
+        return (f"call starts at position {pos} but this session has filled {where}; "
+                f"positions must continue at {filled} (no gaps): start this call at {filled}")
+    return (f"call starts at position {pos} but this session has filled {filled}; positions "
+            f"must continue at {filled}: to redo from position {pos}, call trim({filled - pos}) "
+            f"first (or reset() to start over)")
 
 
 # -- the fast path ------------------------------------------------------------------------

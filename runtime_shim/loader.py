@@ -21,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from lazykv import disk_cache
 from lazykv.format.pte import open_pte
+from lazykv.output_path import write_bytes
 from lazykv.format.rebind import rebind_region
 from lazykv.runtime_shim import program_cache as cache
 from lazykv.runtime_shim.prepare import PreparedProgram, describe
@@ -68,10 +70,7 @@ def load_prepared(source: Union[str, os.PathLike, bytes, bytearray, memoryview],
     elif src_path is None:
         runtime_path = cache.bytes_copy_path(cache_dir, sha)
         if not runtime_path.exists():
-            runtime_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = runtime_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, runtime_path)
+            write_bytes(runtime_path, data, "the program's file copy", fix=disk_cache.FIX)
     else:
         runtime_path = src_path
     return Loaded(prepared, str(runtime_path), sha, cache_hit)

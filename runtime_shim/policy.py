@@ -8,19 +8,23 @@ exported bound and to the session's ``max_bytes``.
 
 From strings (CLI and ``load(policy=...)``)::
 
-    doubling                 doubling:initial=16
+    doubling                 doubling:initial_positions=16
     step                     step:256   step:512
     hybrid                   hybrid:start=256,linear_after=64MiB,increment=32MiB
     preallocate
+
+Units: ``initial_positions``, ``step`` and ``start`` count positions (tokens of KV
+cache); ``linear_after`` and ``increment`` are bytes of the whole KV cache, written as
+sizes (``64MiB`` = 2^26 bytes, ``64MB`` = 64,000,000: :mod:`lazykv.units`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Dict, Union
 
 from lazykv.errors import LazyKVError
+from lazykv.units import parse_size
 
 
 class PolicyError(LazyKVError, ValueError):
@@ -138,21 +142,9 @@ class Preallocate(GrowthPolicy):
 
 
 POLICIES: Dict[str, type] = {c.name: c for c in (Doubling, Step, Hybrid, Preallocate)}
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)?\s*$", re.I)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_bytes(text: Union[str, int]) -> int:
-    """``"64MiB"``, ``"64M"``, ``"67108864"`` -> bytes (binary units)."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(str(text))
-    if not m:
-        raise PolicyError(f"cannot read {text!r} as a byte size; use e.g. 67108864, 64M or 64MiB")
-    unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
-    return int(m.group(1)) * _UNITS[unit]
-
+#: Parameters given in bytes (sizes as :func:`lazykv.units.parse_size` reads them); every
+#: other parameter counts positions (tokens).
+_BYTE_FIELDS = ("linear_after", "increment")
 
 def parse_policy(policy: Union[str, GrowthPolicy, None]) -> GrowthPolicy:
     """A policy object from a :class:`GrowthPolicy` or its string form (see module doc)."""
@@ -181,7 +173,10 @@ def parse_policy(policy: Union[str, GrowthPolicy, None]) -> GrowthPolicy:
             key = key.strip()
             if key not in fields:
                 raise PolicyError(f"{head}: unknown parameter {key!r}; it takes {fields}")
-            kwargs[key] = parse_bytes(val) if key in ("linear_after", "increment") else _int(head, key, val)
+            if key in _BYTE_FIELDS:
+                kwargs[key] = parse_size(val, f"{head}: {key} (bytes)")
+            else:
+                kwargs[key] = _int(head, key, val)
     return cls(**kwargs)
 
 

@@ -12,19 +12,19 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from lazykv.errors import InvalidInput, LazyKVError, UnknownMethod, runtime_error
+from lazykv.units import parse_size
 from lazykv.manifest import LazyBuffer, Manifest
 from lazykv.runtime_shim.allocator import DynamicAllocator, TorchAllocator
 from lazykv.runtime_shim.inputs import MethodInfo
 from lazykv.runtime_shim.loader import load_prepared
 from lazykv.runtime_shim.policy import GrowthPolicy, parse_policy
 from lazykv.runtime_shim.prepare import PreparedProgram
-from lazykv.disk_cache import cache_dir as default_cache_dir
+from lazykv import disk_cache
 from lazykv.verify import MethodLimits
 
 logger = logging.getLogger(__name__)
@@ -34,16 +34,14 @@ _RUNTIME = None
 
 
 def _runtime():
-    """The ExecuTorch runtime with the LLM custom ops registered (DESIGN fact 3)."""
+    """The ExecuTorch runtime with the kernel libraries of the installed ExecuTorch
+    registered (LLM custom ops, quantized kernels: DESIGN facts 3 and 12)."""
     global _RUNTIME
     with _RUNTIME_LOCK:
         if _RUNTIME is None:
-            import executorch.extension.pybindings.portable_lib  # noqa: F401  (first)
+            from lazykv.runtime_shim.kernels import load_kernel_libraries
 
-            try:
-                import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
-            except Exception as e:  # pragma: no cover - wheel without custom ops
-                logger.warning("llama custom ops unavailable (%s): programs using them fail", e)
+            load_kernel_libraries()
             from executorch.runtime import Runtime
 
             _RUNTIME = Runtime.get()
@@ -69,13 +67,13 @@ class LazyProgram:
     ) -> None:
         t0 = time.perf_counter()
         self.policy: GrowthPolicy = parse_policy(policy)
-        if max_bytes is not None and int(max_bytes) < 0:
-            raise InvalidInput(f"max_bytes must be >= 0 bytes, got {max_bytes}")
-        self.max_bytes: Optional[int] = None if max_bytes is None else int(max_bytes)
+        # Bytes, or a size string ("64MiB", "64MB"): lazykv.units, like every size.
+        self.max_bytes: Optional[int] = None if max_bytes is None else parse_size(max_bytes, "max_bytes")
         self.allocator: DynamicAllocator = allocator or TorchAllocator()
-        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        # The one cache folder, bounded (lazykv.disk_cache); a temporary one when it is off.
+        cache = disk_cache.LoadCache(cache_dir)
         self.source = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
-        loaded = load_prepared(source, cache_dir)
+        loaded = load_prepared(source, cache.dir)
         prepared: PreparedProgram = loaded.prepared
         self.prepared = prepared
         self.digest: str = loaded.digest
@@ -91,6 +89,13 @@ class LazyProgram:
             self._et_program = _runtime().load_program(self.runtime_path)
         except RuntimeError as e:
             raise runtime_error(e, f"{self.source}: loading the program") from None
+        cache.done(self.digest)  # mark used, evict over the cap (the runtime holds the file)
+        if self.lazy and self.max_bytes is not None and self.max_bytes < self.bytes_per_position:
+            raise InvalidInput(
+                f"max_bytes={self.max_bytes:,} cannot hold one position of KV storage "
+                f"({self.bytes_per_position:,} bytes each in {self.source}); raise it to at "
+                f"least {self.bytes_per_position:,} or leave it unset"
+            )
         self._loaded: Dict[str, Any] = {}
         # One lock per program: loading a method and every execute (the runtime's
         # planned arenas are shared by all methods of a program, DESIGN fact 6).
@@ -152,7 +157,11 @@ class LazyProgram:
                     try:
                         m = self._et_program.load_method(name)
                     except RuntimeError as e:
-                        raise runtime_error(e, f"{self.source}: loading method {name!r}") from None
+                        from lazykv.runtime_shim.kernels import missing_kernels_error
+
+                        context = f"{self.source}: loading method {name!r}"
+                        raise (missing_kernels_error(self.runtime_path, context)
+                               or runtime_error(e, context)) from None
                     self._loaded[name] = m
         return m
 
@@ -235,9 +244,12 @@ def load(
     """Load a ``.pte`` (lazy or not) on the stock ExecuTorch runtime.
 
     ``policy``: a :class:`GrowthPolicy` or its string (``doubling``, ``step:256``,
-    ``hybrid``, ``preallocate``). ``max_bytes``: cap on each session's KV storage.
-    A lazy program's rebound copy is written once to ``cache_dir`` (default
-    ``~/.cache/lazykv``, or ``$LAZYKV_CACHE_DIR``), keyed by the source's sha256.
+    ``hybrid``, ``preallocate``). ``max_bytes``: cap on each session's KV storage, in
+    bytes or as a size string (``"64MiB"``, ``"64MB"``: :func:`lazykv.units.parse_size`);
+    below one position's bytes it is refused (:class:`InvalidInput`).
+    A lazy program's rebound copy is written once to ``cache_dir`` (default: lazykv's
+    cache folder, :mod:`lazykv.disk_cache`: ``$LAZYKV_CACHE_DIR`` or ``~/.cache/lazykv``,
+    bounded by ``$LAZYKV_CACHE_MAX_BYTES``), keyed by the source's sha256.
     ``weight_cache``: XNNPACK's weight cache (:mod:`lazykv.runtime_shim.weight_cache`)
     while this program's methods load. None (default): on for programs with several
     methods (their weights are then resident once), untouched for one method. True/False

@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from lazykv import disk_cache
+from lazykv.output_path import OutputPathError, write_bytes
 from lazykv.runtime_shim.prepare import PreparedProgram
 
 logger = logging.getLogger(__name__)
@@ -119,8 +121,6 @@ def write_prepared(cache_dir: Path, digest: str, prepared: PreparedProgram) -> N
 def _write_atomic(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only cache only costs speed
+        write_bytes(path, text.encode(), "a cache entry", fix=disk_cache.FIX)
+    except (OSError, OutputPathError) as e:  # a read-only cache only costs speed
         logger.info("cannot write %s: %s", path, e)

@@ -10,42 +10,30 @@ unnecessary; nothing else in the shim depends on it.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
+from lazykv import disk_cache
 from lazykv.errors import InvalidProgram
 from lazykv.format.rebind import Rebound
+from lazykv.output_path import atomic_write
 
 
 def write_rebound(dest: Path, rebound: Rebound, src_path: Optional[str], src_data,
                   src_segment_base: int) -> None:
     """Write ``rebound.region`` then the source's bytes from ``src_segment_base`` to its
     end (from ``src_path``, or ``src_data`` when it is None) to ``dest``, atomically."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=str(dest.parent))
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(rebound.region)
-            out.flush()
-            length = rebound.segment_data_size
-            if length:
-                if src_path is not None:
-                    with open(src_path, "rb") as src:
-                        _copy_range(src, out, src_segment_base, length)
-                else:
-                    out.write(memoryview(src_data)[src_segment_base : src_segment_base + length])
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # A temporary file renamed over dest when complete, removed on any failure.
+    with atomic_write(dest, "the rebound program", fix=disk_cache.FIX) as out:
+        out.write(rebound.region)
+        out.flush()
+        length = rebound.segment_data_size
+        if length:
+            if src_path is not None:
+                with open(src_path, "rb") as src:
+                    _copy_range(src, out, src_segment_base, length)
+            else:
+                out.write(memoryview(src_data)[src_segment_base : src_segment_base + length])
 
 
 def _copy_range(src, out, start: int, length: int) -> None:

@@ -33,6 +33,7 @@ from lazykv.errors import (
     SessionClosed,
     SessionFileError,
 )
+from lazykv.output_path import check_output_path
 from lazykv.runtime_shim import session_file
 from lazykv.runtime_shim.allocator import TrackingAllocator
 from lazykv.runtime_shim.inputs import FastCall
@@ -52,9 +53,11 @@ class SessionStats:
     """A snapshot of a session's KV storage (bytes are of the lazy buffers only).
 
     ``grow_events`` counts buffer allocations and enlargements (one per buffer: a
-    session of 8 buffers growing once adds 8); ``peak_bytes`` includes the transient of
-    a grow (old and new storage of one buffer alive together); ``bytes_copied`` is the
-    prefix data moved by grows and shrinks, and copied in by :meth:`Session.fork`.
+    session of 8 buffers growing once adds 8); ``grows`` counts enlargements of the
+    session's storage (all its buffers at once count once); ``peak_bytes`` includes the
+    transient of a grow (old and new storage of one buffer alive together);
+    ``bytes_copied`` is the prefix data moved by grows and shrinks, and copied in by
+    :meth:`Session.fork`.
     """
 
     current_bytes: int
@@ -68,6 +71,7 @@ class SessionStats:
     bytes_per_position: int
     allocations: int
     frees: int
+    grows: int = 0
 
     @property
     def ideal_bytes(self) -> int:
@@ -102,6 +106,7 @@ class Session:
         self._kv: Dict[str, Optional[torch.Tensor]] = {b.fqn: None for b in program.buffers}
         self._filled = 0
         self._capacity = 0  # min positions over the lazy buffers; kept by _resize
+        self._grows = 0  # storage enlargements (all buffers together count once)
         # method -> FastCall (or None: not eligible); dropped whenever the storage changes.
         self._fast: Dict[str, Optional[FastCall]] = {}
         self._closed = False
@@ -118,6 +123,7 @@ class Session:
         if program.lazy and initial and _allocate:
             self._check_budget(initial, initial)
             self._resize(initial)
+            self._grows += 1
 
     # -- mlx-lm style surface ----------------------------------------------------------
 
@@ -171,6 +177,7 @@ class Session:
             bytes_per_position=self.program.bytes_per_position,
             allocations=a.allocations,
             frees=a.frees,
+            grows=self._grows,
         )
 
     @property
@@ -281,6 +288,7 @@ class Session:
         target = max(min(max(target, cap), bound), need)
         target = self._check_budget(need, target)
         self._resize(target)
+        self._grows += 1
 
     def _resize(self, positions: int) -> None:
         """Every lazy buffer to ``positions`` (clamped to its bound), one at a time."""
@@ -355,10 +363,25 @@ class Session:
 
     @_locked
     def trim(self, n: int) -> Freed:
-        """Drop the last ``n`` positions (clamped to those filled) and shrink the storage
-        to what the policy holds for the rest (new, smaller tensors). Returns what was freed."""
+        """Drop the last ``n`` positions and shrink the storage to what the policy holds
+        for the rest (new, smaller tensors). Returns what was freed.
+
+        ``n`` larger than the positions filled drops them all, with a ``UserWarning``
+        saying so; a negative or non-integer ``n`` raises :class:`InvalidInput`."""
         self._check_open()
-        n = max(0, min(self._filled, int(n)))
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidInput(
+                f"trim(n): n is the number of positions to drop, an int >= 0; got {n!r} "
+                f"({self._filled} filled)"
+            )
+        if n > self._filled:
+            import warnings
+
+            warnings.warn(
+                f"trim({n}): only {self._filled} positions are filled; dropped them all",
+                UserWarning, stacklevel=3,
+            )
+            n = self._filled
         before = self.kv_bytes
         self._filled -= n
         if self.program.lazy:
@@ -458,9 +481,13 @@ class Session:
         """Write the filled prefix of every lazy buffer to ``path``; returns bytes written.
 
         The file records the program's sha256; :meth:`LazyProgram.restore` refuses it
-        for any other program (:mod:`lazykv.runtime_shim.session_file`).
+        for any other program (:mod:`lazykv.runtime_shim.session_file`). ``path`` must be
+        a new or regular file in a writable folder, else
+        :class:`~lazykv.output_path.OutputPathError` (checked before any work); it is
+        replaced atomically.
         """
         self._check_open()
+        check_output_path(path, "the session file")
         prog = self.program
         if not prog.lazy:
             raise LazyKVError(

@@ -17,10 +17,10 @@ import hashlib
 import json
 import os
 import struct
-from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from lazykv.errors import SessionFileError
+from lazykv.output_path import atomic_write
 
 SESSION_MAGIC = b"LKVSESS\x00"
 SESSION_FORMAT = "lazykv-session"
@@ -77,14 +77,12 @@ def write_session(path, program, filled: int, prefixes: Sequence[memoryview],
         },
         sort_keys=True,
     ).encode()
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    # Checked before anything is written; atomic; nothing left behind on failure.
+    with atomic_write(path, "the session file") as f:
         f.write(SESSION_MAGIC + struct.pack("<Q", len(header)) + header)
         for view in prefixes:
             f.write(view)
         size = f.tell()
-    os.replace(tmp, path)
     return size
 
 

@@ -2,7 +2,7 @@
 
 Without it, every XNNPACK delegate packs its own copy of its weights when its method
 loads, so a program whose ``prefill`` and ``decode`` methods use the same weights holds
-them twice (DESIGN.md fact 7: +262 MiB for two methods over 8 x Linear(2048, 2048)
+them twice (DESIGN fact 7: +262 MiB for two methods over 8 x Linear(2048, 2048)
 against +134 MiB for one). ExecuTorch 1.5's XNNPACK backend has a weight cache keyed by
 the weights' names (the sha256 of their bytes), compiled into the wheel but off by
 default; this module switches it with ``executorch::runtime::set_option("XnnpackBackend",

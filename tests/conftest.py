@@ -28,12 +28,6 @@ SLOW_FIXTURES = frozenset({
 })
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
-
-
 def _export(tmp_path_factory, name, **kw):
     from lazykv.export import ExportConfig, export_model
 
@@ -81,6 +75,13 @@ def example_mm_lazy(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def example_mm_static(tmp_path_factory):
+    """(ExportConfig, ExportReport) of the example decoder with prefill + decode, static KV."""
+    return _export(tmp_path_factory, "example_mm_static", model="example",
+                   max_context=EXAMPLE_CONTEXT, methods=("prefill", "decode"))
+
+
+@pytest.fixture(scope="session")
 def stock_runtime():
     """ExecuTorch's stock Python runtime with the LLM custom ops registered (fact 3)."""
     from executorch.extension.pybindings import portable_lib  # noqa: F401
@@ -88,3 +89,23 @@ def stock_runtime():
     from executorch.runtime import Runtime
 
     return Runtime.get()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "support_table: the full support-table matrix of export_llm's models (tens of "
+        "minutes); runs only when selected with -m support_table",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests using a :data:`SLOW_FIXTURES` fixture are ``slow``; the support-table matrix
+    runs only when selected (``-m support_table``)."""
+    selected = "support_table" in (config.getoption("markexpr") or "")
+    skip = pytest.mark.skip(reason="full matrix: run with `pytest -m support_table`")
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if "support_table" in item.keywords and not selected:
+            item.add_marker(skip)

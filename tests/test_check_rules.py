@@ -421,10 +421,15 @@ def test_runs_bad_names_method_and_missing_operator(toys):
     r = _one(toys["missing_op"], runs=True)
     assert not r.passed
     (msg,) = r.failures
-    # The runtime refuses to load the method: lazykv.errors.ProgramRejected, not a bare
-    # RuntimeError from the pybind layer.
-    assert msg.startswith("forward: fails on inputs (float32[1, 4]): ProgramRejected: ")
-    assert "Missing operator" in msg and "lazykv_check_test::twice.out" in msg
+    # The runtime refuses to load the method: lazykv.errors.ProgramRejected (its subclass
+    # MissingKernels, naming the operator without a kernel), not a bare RuntimeError from
+    # the pybind layer.
+    from lazykv.errors import ProgramRejected
+    from lazykv.runtime_shim.kernels import MissingKernels
+
+    assert issubclass(MissingKernels, ProgramRejected)
+    assert msg.startswith("forward: fails on inputs (float32[1, 4]): MissingKernels: ")
+    assert "lazykv_check_test::twice.out" in msg and "'lazykv_check_test' namespace" in msg
 
 
 def test_dummy_inputs_token_position_pair(llama_tiny_lazy):

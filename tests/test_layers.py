@@ -24,7 +24,8 @@ LAYERS = {
     "lazykv.format": 1, "lazykv.manifest": 1, "lazykv._et_compat": 1,
     "lazykv.verify": 2, "lazykv.estimate": 2,
     "lazykv.passes": 3, "lazykv.runtime_shim": 3, "lazykv.models": 3, "lazykv.examples": 3,
-    "lazykv.inspect": 4, "lazykv.check": 4, "lazykv.export": 4,
+    "lazykv.inspect": 4, "lazykv.check": 4, "lazykv.export": 4, "lazykv.llm_export": 4,
+    "lazykv.llm_config": 4, "lazykv.support_table": 4,
     "lazykv.cli": 5,
 }
 #: Siblings that must not import each other.

@@ -8,13 +8,7 @@ import torch
 from lazykv.errors import DivergentConstant
 from lazykv.inspect import inspect_pte
 
-from conftest import EXAMPLE_CONTEXT, _export
-
-
-@pytest.fixture(scope="session")
-def example_mm_static(tmp_path_factory):
-    return _export(tmp_path_factory, "example_mm_static", model="example",
-                   max_context=EXAMPLE_CONTEXT, methods=("prefill", "decode"))
+# example_mm_lazy and example_mm_static are session fixtures in conftest.py.
 
 
 def _greedy_reference(method, prompt, steps):

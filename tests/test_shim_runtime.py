@@ -401,7 +401,7 @@ def test_policy_strings():
     assert parse_policy("doubling") == Doubling()
     assert parse_policy("step") == Step(256)
     assert parse_policy("step:64") == Step(64)
-    assert parse_policy("hybrid:start=128,linear_after=1MiB,increment=64K") == Hybrid(128, 1 << 20, 64 << 10)
+    assert parse_policy("hybrid:start=128,linear_after=1MiB,increment=64KiB") == Hybrid(128, 1 << 20, 64 << 10)
     assert parse_policy("preallocate") == Preallocate()
     for p in [Doubling(), Step(64), Hybrid(), Preallocate()]:
         assert parse_policy(p.spec()) == p
@@ -517,11 +517,12 @@ def test_cli_generate_json_and_plot(shim_lazy_pte, shim_cache, tmp_path, monkeyp
     )
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
+    t = d["totals"]
     for k in ("kv_bytes_after_load", "kv_bytes_after_prefill", "kv_bytes_end",
-              "peak_kv_bytes", "decode_tokens_per_s", "tokens"):
-        assert k in d
-    assert d["kv_bytes_after_load"] == 0
-    assert len(d["tokens"]) == 2 and len(d["tokens"][0]) == 12
-    assert d["kv_bytes_end"] == 2 * 32 * 4096
+              "peak_kv_bytes", "decode_tokens_per_s"):
+        assert k in t
+    assert t["kv_bytes_after_load"] == 0
+    assert len(d["sessions"]) == 2 and len(d["sessions"][0]["tokens"]) == 12
+    assert t["kv_bytes_end"] == 2 * 32 * 4096
     assert png.stat().st_size > 1000
     assert "tokens/s" in r.stderr

@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 from lazykv.errors import LazyKVError
+from lazykv.units import SizeError
+from lazykv.units import parse_size as _parse_size
 
 RULES = (
     "methods",
@@ -35,45 +35,14 @@ class CheckConfigError(LazyKVError):
 
 # -- sizes ---------------------------------------------------------------------------------
 
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_SIZE_RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
-
 
 def parse_size(value: Union[str, int, float], what: str = "size") -> int:
-    """Bytes from ``123``, ``"123"``, ``"64MiB"``, ``"1.5GB"``, ``"8,388,608"``.
-
-    ``KB/MB/GB/TB`` are powers of 1000, ``KiB/MiB/GiB/TiB`` powers of 1024 (case does not
-    matter). Raises :class:`CheckConfigError` naming ``what`` and the accepted forms.
-    """
-    if isinstance(value, bool):
-        raise CheckConfigError(f"{what}: expected a size, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise CheckConfigError(f"{what}: expected a size, got {value!r}")
-        n = int(value)
-    elif isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        unit = m.group(2).lower() if m else None
-        if not m or unit not in _UNITS:
-            hint = ""
-            if m and unit in ("k", "m", "g", "t"):
-                hint = f" ({m.group(2)} is ambiguous: write {m.group(2).upper()}iB or {m.group(2).upper()}B)"
-            raise CheckConfigError(
-                f"{what}: cannot read {value!r} as a size{hint}; use bytes (123), "
-                f"KiB/MiB/GiB (powers of 1024, e.g. 64MiB) or KB/MB/GB (powers of 1000, e.g. 1.5GB)"
-            )
-        n = int(float(m.group(1).replace("_", "").replace(",", "")) * _UNITS[unit])
-    else:
-        raise CheckConfigError(f"{what}: expected a size, got {type(value).__name__} {value!r}")
-    if n < 0:
-        raise CheckConfigError(f"{what}: a size cannot be negative ({value!r})")
-    return n
+    """:func:`lazykv.units.parse_size` (the one size parser), refusing with
+    :class:`CheckConfigError` so a bad limit is a config error (exit code 2)."""
+    try:
+        return _parse_size(value, what)
+    except SizeError as e:
+        raise CheckConfigError(str(e)) from None
 
 
 # -- rules ---------------------------------------------------------------------------------

@@ -33,9 +33,12 @@ def rule_expect_lazy_kv(p: CheckedProgram, rules: Rules) -> RuleResult:
         return r
     for b in kv:
         if not b["lazy"]:
+            why = b.get("planned_because")  # left planned by a lazy export: its reason
             r.failures.append(
                 f"KV buffer {kv_name(b)} {dtype_shape(b)} {fmt_bytes(b['nbytes'])} is not lazy: "
                 f"{b['dynamism']}, planned in arena {b['arena']} (methods {', '.join(b['methods'])})"
+                + (f"; the lazy export left it planned ({why['cause']}): {why['reason']}. "
+                   f"Fix: {why['fix']}" if why else "")
             )
         elif b["arena"] is not None:
             r.failures.append(
@@ -46,8 +49,12 @@ def rule_expect_lazy_kv(p: CheckedProgram, rules: Rules) -> RuleResult:
     if r.failures:
         r.passed = False
         static_bytes = sum(b["nbytes"] for b in kv if not b["lazy"] or b["arena"] is not None)
+        causes = sorted({b["planned_because"]["cause"] for b in kv
+                         if not b["lazy"] and b.get("planned_because")})
+        hint = (f"the lazy export left them planned ({', '.join(causes)}): see the failures"
+                if causes else "export with --lazy-kv-cache")
         r.summary = (f"{len(kv) - lazy} of {len(kv)} KV buffers are planned ({fmt_bytes(static_bytes)}); "
-                     f"export with --lazy-kv-cache")
+                     f"{hint}")
     else:
         r.summary = f"{lazy} of {len(kv)} KV buffers lazy ({fmt_bytes(info['lazy_kv_bytes'])} not planned)"
     return r

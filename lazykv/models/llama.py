@@ -81,10 +81,23 @@ PRESETS = {
 def write_random_checkpoint(shape: LlamaShape, directory: Path, seed: int = 0) -> tuple[Path, Path]:
     """Write ``params.json`` and a random ``checkpoint.pth`` for ``shape`` into ``directory``.
 
-    Weights are drawn from a ``torch.Generator`` seeded with ``seed``: the same
-    (shape, seed) always gives the same bytes. Linear and embedding weights are
-    N(0, 0.02); norm weights are 1 + N(0, 0.02) so no channel is dead. Returns
-    ``(params_path, checkpoint_path)``.
+    Same as :func:`write_random_params_checkpoint` with ``shape.params()``.
+    """
+    return write_random_params_checkpoint(shape.params(), directory, seed=seed)
+
+
+def write_random_params_checkpoint(
+    params: dict, directory: Path, seed: int = 0
+) -> tuple[Path, Path]:
+    """Write ``params`` as ``params.json`` and a random ``checkpoint.pth`` into ``directory``.
+
+    ``params`` is what ExecuTorch's ``Llama2Model`` reads (any ``ModelArgs`` field:
+    hybrid layer types, qk norms, partial RoPE...). Weights are drawn from a
+    ``torch.Generator`` seeded with ``seed``: the same (params, seed) always gives the
+    same bytes. Every parameter the model declares is written, in sorted name order:
+    N(0, 0.02), and 1 + N(0, 0.02) for norm weights so no channel is dead. Returns
+    ``(params_path, checkpoint_path)``. The file names never contain ``8da4w`` or
+    ``int8`` (``Llama2Model`` takes such a checkpoint for a pre-quantized one).
     """
     from executorch.examples.models.llama.llama_transformer import construct_transformer
     from executorch.examples.models.llama.model_args import ModelArgs
@@ -92,13 +105,11 @@ def write_random_checkpoint(shape: LlamaShape, directory: Path, seed: int = 0) -
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     params_path = directory / "params.json"
-    params_path.write_text(json.dumps(shape.params(), indent=1))
+    params_path.write_text(json.dumps(params, indent=1, sort_keys=True))
 
     # Build on meta only to learn the parameter names and shapes the loader expects.
     with torch.device("meta"):
-        model = construct_transformer(
-            ModelArgs(max_seq_len=8, max_context_len=8, **shape.params())
-        )
+        model = construct_transformer(ModelArgs(max_seq_len=8, max_context_len=8, **params))
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, p in sorted(model.named_parameters()):

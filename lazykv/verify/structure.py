@@ -78,8 +78,12 @@ def numel(t: Tensor) -> int:
 
 
 def constant_values(plan: Plan) -> Set[int]:
-    """Value indices of the plan's constant tensors (their data is in the program)."""
-    return {i for i, t in plan.tensors.items() if t.data_buffer_idx > 0}
+    """Value indices of the plan's constant tensors: data in the program, read-only.
+
+    A tensor with data *and* a planned allocation is a mutable buffer with an initial
+    value (``InitializedMutableBufferPass``, e.g. export_llm's attention-sink
+    ``cache_positions``): the runtime copies the data into planned, writable memory."""
+    return {i for i, t in plan.tensors.items() if t.data_buffer_idx > 0 and t.allocation is None}
 
 
 def check_structure(pte: PteFile, blobs: DelegateBlobs) -> None:

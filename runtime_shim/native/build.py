@@ -33,7 +33,7 @@ LIBRARY_NAME = "liblazykv_xnnpack_options.so"
 #: Layout version of the C ABI in ``xnnpack_options.cpp`` (``lazykv_native_abi_version``).
 ABI_VERSION = 1
 
-# Flags from DESIGN.md fact 7: the ones the ExecuTorch wheel itself was built with, so
+# Flags from DESIGN fact 7: the ones the ExecuTorch wheel itself was built with, so
 # that the headers' structs (BackendOption, Span, Error) match libexecutorch.so.
 _DEFINES = (
     "-D_GLIBCXX_USE_CXX11_ABI=1",
