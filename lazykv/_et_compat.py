@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import importlib.metadata
+import importlib.util
 import os
 import re
+import sys
 from typing import Any, Iterable, Iterator, Optional, Tuple
 
 from lazykv.errors import UnsupportedVersion
@@ -234,6 +237,65 @@ def convert_to_linear_pass():
 
 
 # -- ExecuTorch runtime ------------------------------------------------------------------
+
+#: Packages whose ``__init__`` imports ExecuTorch's whole export stack (``torch._dynamo``,
+#: torchao...). Parents first: finding ``executorch.exir._serialize`` imports
+#: ``executorch.exir``.
+_HEAVY_PACKAGES = ("executorch.exir", "executorch.exir._serialize")
+
+
+def defer_export_stack() -> list:
+    """Register ``executorch.exir`` (and ``exir._serialize``) without running their
+    ``__init__``, unless something imported them already; returns the names deferred.
+
+    Private (edits ``sys.modules``): ExecuTorch's Python runtime imports
+    ``executorch.exir._warnings`` (``portable_lib``), and importing any submodule runs its
+    packages' ``__init__``, which imports the whole export stack and torchao (seconds of
+    CPU, warnings about CUDA kernels) that running a program never uses. Submodules then
+    import normally; the first access to anything else (``from executorch.exir import
+    to_edge``) runs the real ``__init__`` in the same module object, so later users see
+    the normal package. Called by the runtime shim just before it imports the runtime."""
+    return [name for name in _HEAVY_PACKAGES if _defer_package_init(name)]
+
+
+def _defer_package_init(name: str) -> bool:
+    if name in sys.modules:
+        return False
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    if spec is None or spec.loader is None or not spec.submodule_search_locations:
+        return False
+    module = importlib.util.module_from_spec(spec)
+
+    def __getattr__(attr: str):
+        if attr.startswith("__") and attr.endswith("__"):
+            raise AttributeError(attr)
+        if importlib.util.find_spec(f"{name}.{attr}") is not None:
+            return importlib.import_module(f"{name}.{attr}")  # a submodule: stay light
+        del module.__dict__["__getattr__"]
+        spec.loader.exec_module(module)  # the real __init__, in this same module
+        return getattr(module, attr)
+
+    module.__getattr__ = __getattr__
+    sys.modules[name] = module
+    parent_name, _, child = name.rpartition(".")
+    parent = sys.modules.get(parent_name)
+    if parent is not None:
+        setattr(parent, child, module)
+    return True
+
+
+def registered_operator_names() -> set:
+    """Names (``namespace::op.overload``) of the kernels registered with the runtime.
+
+    Private (``portable_lib._get_operator_names``), but the one view of the runtime's
+    kernel registry from Python (the same list ExecuTorch's own tests read)."""
+    from executorch.extension.pybindings import portable_lib
+
+    return set(portable_lib._get_operator_names())
+
 
 
 def raw_execute(method) -> Optional[Any]:

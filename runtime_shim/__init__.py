@@ -15,7 +15,7 @@ A ``.pte`` without lazy buffers loads and runs unchanged through the same API.
 The load in two steps: :func:`prepare` (read through :mod:`lazykv.format`, verified by
 :mod:`lazykv.verify`: a :class:`PreparedProgram`, the metadata the disk cache keeps),
 then :class:`LazyProgram`, a thin object over ``executorch.runtime``. Modules:
-``prepare`` and ``loader`` (the load), ``program_cache`` and ``rebound_file`` (the disk
+``prepared`` and ``loader`` (the load), ``program_cache`` and ``rebound_file`` (the disk
 cache), ``inputs`` (one description of a method's inputs, full and fast checks),
 ``session`` and ``session_file``, ``policy`` and ``allocator`` (growth), ``weight_cache``
 and ``native`` (XNNPACK's weight cache, constants shared across methods at run time),
@@ -35,8 +35,8 @@ import importlib
 _EXPORTS = {
     "load": "program",
     "LazyProgram": "program",
-    "prepare": "prepare",
-    "PreparedProgram": "prepare",
+    "prepare": "prepared",
+    "PreparedProgram": "prepared",
     "MethodInfo": "inputs",
     "InputSpec": "inputs",
     "Session": "session",

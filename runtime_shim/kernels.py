@@ -21,6 +21,7 @@ import logging
 import threading
 from typing import Dict, Iterable, List, Optional
 
+from lazykv import _et_compat
 from lazykv.errors import ProgramRejected
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def load_kernel_libraries() -> None:
     with _LOCK:
         if _LOADED:
             return
+        _et_compat.defer_export_stack()  # the runtime needs none of exir's export stack
         import executorch.extension.pybindings.portable_lib  # noqa: F401  (first)
 
         for module in KERNEL_LIBRARIES.values():
@@ -66,11 +68,7 @@ def load_kernel_libraries() -> None:
 
 def registered_operators() -> set:
     """Names (``namespace::op.overload``) of the kernels registered in this process."""
-    from executorch.extension.pybindings import portable_lib
-
-    # Private, but the one view of the runtime's kernel registry from Python (the same
-    # list ExecuTorch's own tests read).
-    return set(portable_lib._get_operator_names())
+    return _et_compat.registered_operator_names()
 
 
 def missing_operators(operators: Iterable[str]) -> List[str]:

@@ -26,7 +26,7 @@ from lazykv.format.pte import open_pte
 from lazykv.output_path import write_bytes
 from lazykv.format.rebind import rebind_region
 from lazykv.runtime_shim import program_cache as cache
-from lazykv.runtime_shim.prepare import PreparedProgram, describe
+from lazykv.runtime_shim.prepared import PreparedProgram, describe
 from lazykv.runtime_shim.rebound_file import write_rebound
 from lazykv.verify import Verified, verify_pte
 

@@ -23,7 +23,7 @@ from lazykv.runtime_shim.allocator import DynamicAllocator, TorchAllocator
 from lazykv.runtime_shim.inputs import MethodInfo
 from lazykv.runtime_shim.loader import load_prepared
 from lazykv.runtime_shim.policy import GrowthPolicy, parse_policy
-from lazykv.runtime_shim.prepare import PreparedProgram
+from lazykv.runtime_shim.prepared import PreparedProgram
 from lazykv import disk_cache
 from lazykv.verify import MethodLimits
 

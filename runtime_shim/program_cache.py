@@ -1,7 +1,7 @@
 """The shim's entries in lazykv's disk cache folder (:func:`lazykv.disk_cache.cache_dir`),
 keyed by the sha256 of a source ``.pte``.
 
-Per source program it holds the :class:`lazykv.runtime_shim.prepare.PreparedProgram`
+Per source program it holds the :class:`lazykv.runtime_shim.prepared.PreparedProgram`
 (``<sha256>.prepared.json``, a few KB) and, for a lazy program, the rebound copy the
 runtime loads (``<sha256>.v1.bound.pte``: :mod:`lazykv.runtime_shim.rebound_file`). A
 source's sha256 is memoized by (size, mtime, inode), in memory and under ``hashes/``,
@@ -21,7 +21,7 @@ from typing import Dict, Optional, Tuple
 
 from lazykv import disk_cache
 from lazykv.output_path import OutputPathError, write_bytes
-from lazykv.runtime_shim.prepare import PreparedProgram
+from lazykv.runtime_shim.prepared import PreparedProgram
 
 logger = logging.getLogger(__name__)
 

@@ -175,7 +175,7 @@ def test_load_refuses_an_unsupported_layout(example_lazy, tmp_path):
 
 def test_prepared_program_round_trip(example_lazy, example_static):
     from lazykv.runtime_shim import PreparedProgram, prepare
-    from lazykv.runtime_shim.prepare import PREPARED_VERSION
+    from lazykv.runtime_shim.prepared import PREPARED_VERSION
 
     for _, rep in (example_lazy, example_static):
         p = prepare(str(rep.path))
