@@ -270,7 +270,13 @@ class NativeSession:
 
     @property
     def offset(self) -> int:
+        """Positions filled so far (the next call must start here)."""
         return self.stats["positions_filled"]
+
+    @property
+    def capacity(self) -> int:
+        """Positions the storage holds now (without growing)."""
+        return self.stats["capacity_positions"]
 
     def fork(self, positions: Optional[int] = None) -> "NativeSession":
         """A new session holding a copy of this one's first ``positions`` filled positions
