@@ -116,6 +116,25 @@ def test_policy_arithmetic_matches_python(built):
     assert bad.stdout.split() == ["error", "PolicyError"] * 3
 
 
+def test_sizes_read_like_python(built):
+    """`lazykv_run --max-bytes` and the hybrid policy's sizes read as `lazykv generate`'s:
+    one parser's rules (lazykv.units.parse_size: MB = 10^6, MiB = 2^20, 64M refused)."""
+    from lazykv.units import SizeError, parse_size
+
+    cases = ["123", "8,388,608", "1_000", "64MiB", "64mib", "64MB", "1.5GB", "0.5KiB", ".5KiB", "7B",
+             " 12 kib ", "64 MiB", "3TiB", "2tb", "1.0001KB", "1.25KiB", "64M", "64k", "-5", "1.5", "1e3",
+             "", "abc", "1.", "12XB", "1 0"]
+    done = _run([built, "bytes"], input="\n".join(cases) + "\n")
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(cases), done.stderr
+    for case, line in zip(cases, lines):
+        try:
+            want = str(parse_size(case))
+        except SizeError:
+            want = "error PolicyError"
+        assert line == want, case
+
+
 def _schema(doc):
     """The keys and value types of a JSON document, recursively (a list: its items')."""
     if isinstance(doc, dict):

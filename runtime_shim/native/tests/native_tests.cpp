@@ -11,6 +11,8 @@
 //                                                 (tests/fuzz_native.py drives it)
 //   lazykv_native_tests policy                    lines "SPEC NEEDED BOUND BPP" on stdin -> capacities
 //                                                 (compared with policy.py)
+//   lazykv_native_tests bytes                     one size a line on stdin -> bytes (compared with
+//                                                 lazykv.units.parse_size)
 //
 // Each check prints "ok NAME" or "FAIL NAME: why"; the exit code is the failure count.
 #include <dlfcn.h>
@@ -523,7 +525,21 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
+  if (mode == "bytes") {  // one size a line -> its bytes, or "error KIND"
+    std::string line;
+    for (int c = std::getchar(); c != EOF; c = std::getchar()) {
+      if (c != '\n') {
+        line += static_cast<char>(c);
+        continue;
+      }
+      auto b = lazykv::parse_bytes(line);
+      if (b.ok()) std::printf("%lld\n", (long long)b.get());
+      else std::printf("error %s\n", lazykv::error_kind_name(b.status().kind()));
+      line.clear();
+    }
+    return 0;
+  }
   std::fprintf(stderr, "usage: lazykv_native_tests unit | model LAZY STATIC | save LAZY FILE N | restore LAZY FILE TOKEN"
-                       " | policy < lines\n");
+                       " | policy < lines | bytes < lines\n");
   return 2;
 }

@@ -37,7 +37,8 @@ const char* kHelp =
     "  --new-tokens N       tokens to generate greedily (default 64)\n"
     "  --policy P           doubling, step:N, hybrid[:start=N,linear_after=B,increment=B],\n"
     "                       preallocate (N: positions) (default doubling)\n"
-    "  --max-bytes B        cap on each session's lazy KV storage (64MiB, 1048576)\n"
+    "  --max-bytes B        cap on each session's lazy KV storage: bytes, 64MiB (2^20) or\n"
+    "                       64MB (10^6)\n"
     "  --sessions N         independent sessions, interleaved token by token (default 1)\n"
     "  --shared-prefix P    the first P prompt tokens are the same in every session:\n"
     "                       computed once, then forked into the others (lazy programs)\n"
@@ -244,7 +245,7 @@ int main(int argc, char** argv) {
   options.policy = policy.get();
   if (!a.max_bytes.empty()) {
     auto mb = lazykv::parse_bytes(a.max_bytes);
-    if (!mb.ok()) return usage_error(mb.status().message());
+    if (!mb.ok()) return usage_error("--max-bytes: " + mb.status().message());
     options.max_bytes = mb.get();
   }
   const std::string ops = lazykv::host::load_custom_ops();
