@@ -1,6 +1,7 @@
 // KV bytes of a program as `lazykv inspect` reports them (lazykv/inspect.py).
 #include "kv_figures.h"
 
+#include <climits>
 #include <map>
 #include <set>
 #include <string>
@@ -19,9 +20,21 @@ int64_t scalar_bytes(int st) {
   }
 }
 
+// Saturating arithmetic: a corrupt file's sizes must not overflow (sizes < 0 count 0).
+int64_t mul(int64_t a, int64_t b) {
+  int64_t r;
+  if (a <= 0 || b <= 0) return 0;
+  return __builtin_mul_overflow(a, b, &r) ? INT64_MAX : r;
+}
+
+int64_t add(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_add_overflow(a, b, &r) ? INT64_MAX : r;
+}
+
 int64_t tensor_nbytes(const fb::TensorValue& t) {
   int64_t n = scalar_bytes(t.scalar_type);
-  for (int64_t d : t.sizes) n *= d;
+  for (int64_t d : t.sizes) n = mul(n, d);
   return n;
 }
 
@@ -70,7 +83,7 @@ KvFigures kv_figures(const fb::ProgramModel& model, const Manifest& manifest) {
       auto found = buffers.find(key);
       if (found == buffers.end()) {
         Entry e;
-        e.nbytes = lb != nullptr ? lb->bytes_per_position() * lb->max_positions() : tensor_nbytes(*t);
+        e.nbytes = lb != nullptr ? mul(lb->bytes_per_position(), lb->max_positions()) : tensor_nbytes(*t);
         e.lazy = lb != nullptr || t->dynamism == fb::kDynamicUnbound;
         e.kv = lb != nullptr;
         found = buffers.emplace(key, e).first;
@@ -83,8 +96,8 @@ KvFigures kv_figures(const fb::ProgramModel& model, const Manifest& manifest) {
   for (const auto& kv : buffers) {
     const Entry& e = kv.second;
     if (!e.kv && !e.lazy) continue;
-    f.at_max_context += e.nbytes;
-    if (e.lazy) lazy += e.nbytes;
+    f.at_max_context = add(f.at_max_context, e.nbytes);
+    if (e.lazy) lazy = add(lazy, e.nbytes);
   }
   f.planned_bytes = f.at_max_context - lazy;
   return f;
