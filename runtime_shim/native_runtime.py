@@ -30,7 +30,7 @@ from lazykv.runtime_shim.policy import GrowthPolicy, parse_policy
 
 #: Built by setup.py next to the native build recipe (runtime_shim/native/build.py).
 LIBRARY = Path(__file__).resolve().parent / "native" / "liblazykv_native.so"
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _MAX_DIMS = 16
 
 # lazykv::ErrorKind (include/lazykv/status.h) -> lazykv.errors class.
@@ -99,8 +99,10 @@ def library() -> ctypes.CDLL:
             "lkv_program_region_bytes": (c.c_int64, [P]),
             "lkv_program_load_method": (c.c_int, [P, S]),
             "lkv_program_digest": (c.c_int, [P, c.c_char_p]),
+            "lkv_program_kv_figures": (c.c_int, [P, c.POINTER(c.c_int64), c.POINTER(c.c_int64)]),
             "lkv_session_new": (c.c_int, [P, c.POINTER(P)]),
             "lkv_session_restore": (c.c_int, [P, S, c.POINTER(P)]),
+            "lkv_session_fork": (c.c_int, [P, c.c_int64, c.POINTER(P)]),
             "lkv_session_free": (None, [P]),
             "lkv_session_run": (c.c_int, [P, S, c.POINTER(_Tensor), c.c_int32, c.POINTER(c.c_int32)]),
             "lkv_session_output": (c.c_int, [P, c.c_int32, c.POINTER(_Tensor)]),
@@ -163,6 +165,15 @@ class NativeProgram:
         _check(library().lkv_program_digest(self._handle, buf))
         return buf.value.decode()
 
+    @property
+    def kv_figures(self) -> Dict[str, int]:
+        """KV bytes as ``lazykv inspect`` counts them: ``planned_bytes`` (static caches,
+        held from load on, shared by the sessions) and ``at_max_context`` (every cache at
+        its bound); the fields of :class:`lazykv.runtime_shim.generate.KVFigures`."""
+        planned, at_max = ctypes.c_int64(), ctypes.c_int64()
+        _check(library().lkv_program_kv_figures(self._handle, ctypes.byref(planned), ctypes.byref(at_max)))
+        return {"planned_bytes": planned.value, "at_max_context": at_max.value}
+
     def load_method(self, name: str) -> None:
         """Load method ``name`` now (sessions load on first use)."""
         _check(library().lkv_program_load_method(self._handle, name.encode()))
@@ -198,7 +209,7 @@ class NativeSession:
 
     _STATS = ("current_bytes", "peak_bytes", "grow_events", "shrink_events", "bytes_copied",
               "positions_filled", "capacity_positions", "max_positions", "bytes_per_position",
-              "allocations", "frees")
+              "allocations", "frees", "grows")
 
     def __init__(self, program: NativeProgram, handle: ctypes.c_void_p) -> None:
         self.program = program
@@ -207,6 +218,11 @@ class NativeSession:
         self._args = (_Tensor * 8)()
         self._n_out = ctypes.c_int32()
         self._out = _Tensor()
+
+    def _live(self) -> ctypes.c_void_p:
+        if not self._handle:
+            raise errors.SessionClosed("this session was closed; open a new one with program.session()")
+        return self._handle
 
     def run(self, method: str, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """Run ``method`` on the user's inputs (contiguous CPU tensors); returns copies of
@@ -229,7 +245,7 @@ class NativeSession:
             a.dim = x.dim()
             for d, s in enumerate(x.shape):
                 a.sizes[d] = s
-        _check(self._lib.lkv_session_run(self._handle, method.encode(), args, n, ctypes.byref(self._n_out)))
+        _check(self._lib.lkv_session_run(self._live(), method.encode(), args, n, ctypes.byref(self._n_out)))
         outs = []
         for i in range(self._n_out.value):
             if self._lib.lkv_session_output(self._handle, i, ctypes.byref(self._out)):
@@ -244,8 +260,8 @@ class NativeSession:
     @property
     def stats(self) -> Dict[str, int]:
         """The session's counters (the fields of :class:`SessionStats`)."""
-        buf = (ctypes.c_int64 * 11)()
-        _check(self._lib.lkv_session_stats(self._handle, buf))
+        buf = (ctypes.c_int64 * len(self._STATS))()
+        _check(self._lib.lkv_session_stats(self._live(), buf))
         return dict(zip(self._STATS, buf))
 
     @property
@@ -254,24 +270,47 @@ class NativeSession:
 
     @property
     def offset(self) -> int:
+        """Positions filled so far (the next call must start here)."""
         return self.stats["positions_filled"]
+
+    @property
+    def capacity(self) -> int:
+        """Positions the storage holds now (without growing)."""
+        return self.stats["capacity_positions"]
+
+    def fork(self, positions: Optional[int] = None) -> "NativeSession":
+        """A new session holding a copy of this one's first ``positions`` filled positions
+        (default: all), independent from then on; the contract of
+        :meth:`lazykv.runtime_shim.Session.fork` (:class:`InvalidInput` for ``positions``
+        outside ``0..offset``, :class:`MemoryBudgetExceeded`, :class:`AllocationFailed`,
+        :class:`SessionClosed`; this session is unchanged whatever happens)."""
+        handle = self._live()
+        if positions is not None and (isinstance(positions, bool) or not isinstance(positions, int)
+                                      or positions < 0):
+            raise errors.InvalidInput(
+                f"fork(positions={positions!r}): positions must be an int from 0 to the "
+                f"{self.offset} this session has filled"
+            )
+        child = ctypes.c_void_p()
+        _check(self._lib.lkv_session_fork(handle, -1 if positions is None else positions, ctypes.byref(child)))
+        return NativeSession(self.program, child)
 
     def trim(self, n: int):
         """Drop the last ``n`` positions; returns (positions, bytes) freed."""
         p, b = ctypes.c_int64(), ctypes.c_int64()
-        _check(self._lib.lkv_session_trim(self._handle, int(n), ctypes.byref(p), ctypes.byref(b)))
+        _check(self._lib.lkv_session_trim(self._live(), int(n), ctypes.byref(p), ctypes.byref(b)))
         return p.value, b.value
 
     def reset(self):
         """Forget every position; returns (positions, bytes) freed."""
         p, b = ctypes.c_int64(), ctypes.c_int64()
-        _check(self._lib.lkv_session_reset(self._handle, ctypes.byref(p), ctypes.byref(b)))
+        _check(self._lib.lkv_session_reset(self._live(), ctypes.byref(p), ctypes.byref(b)))
         return p.value, b.value
 
     def save(self, path: Union[str, os.PathLike]) -> int:
         """Write the session file (Python's format); returns bytes written."""
         w = ctypes.c_int64()
-        _check(self._lib.lkv_session_save(self._handle, os.fspath(path).encode(), ctypes.byref(w)))
+        _check(self._lib.lkv_session_save(self._live(), os.fspath(path).encode(), ctypes.byref(w)))
         return w.value
 
     def close(self) -> None:

@@ -118,33 +118,121 @@ def test_policy_arithmetic_matches_python(built):
     assert bad.stdout.split() == ["error", "PolicyError"] * 3
 
 
-def test_lazykv_run_prints_python_generate_tokens(built, llama_tiny_lazy, tmp_path):
-    """`lazykv_run --prompt-tokens` and Python's generate give the same tokens; the same
-    --json keys; KV bytes after load 0."""
+def test_sizes_read_like_python(built):
+    """`lazykv_run --max-bytes` and the hybrid policy's sizes read as `lazykv generate`'s:
+    one parser's rules (lazykv.units.parse_size: MB = 10^6, MiB = 2^20, 64M refused)."""
+    from lazykv.units import SizeError, parse_size
+
+    cases = ["123", "8,388,608", "1_000", "64MiB", "64mib", "64MB", "1.5GB", "0.5KiB", ".5KiB", "7B",
+             " 12 kib ", "64 MiB", "3TiB", "2tb", "1.0001KB", "1.25KiB", "64M", "64k", "-5", "1.5", "1e3",
+             "", "abc", "1.", "12XB", "1 0"]
+    done = _run([built, "bytes"], input="\n".join(cases) + "\n")
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(cases), done.stderr
+    for case, line in zip(cases, lines):
+        try:
+            want = str(parse_size(case))
+        except SizeError:
+            want = "error PolicyError"
+        assert line == want, case
+
+
+def _schema(doc):
+    """The keys and value types of a JSON document, recursively (a list: its items')."""
+    if isinstance(doc, dict):
+        return {k: _schema(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_schema(v) for v in doc[:1]]
+    return type(doc).__name__
+
+
+#: Keys of ``generate --json`` that are measured times, not figures both sides compute.
+_TIMES = {"prefill_seconds", "decode_seconds", "decode_tokens_per_s", "fork_seconds",
+          "prefill_seconds_unshared_estimate", "seconds_saved"}
+
+
+def _figures(doc):
+    """``doc`` without its measured times."""
+    if isinstance(doc, dict):
+        return {k: _figures(v) for k, v in doc.items() if k not in _TIMES}
+    if isinstance(doc, list):
+        return [_figures(v) for v in doc]
+    return doc
+
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]
+
+# (fixture, policy, sessions, shared prefix): a lazy program with two sessions, a shared
+# prefix forked into three (preallocate: fork keeps the bound), a static program (its
+# planned KV), a prefill/decode program (chosen without --method).
+RUN_CASES = [
+    ("llama_tiny_lazy", "step:8", 2, 0),
+    ("llama_tiny_lazy", "preallocate", 3, 10),
+    ("llama_tiny_static", "doubling", 1, 0),
+    ("example_mm_lazy", "hybrid:start=4,linear_after=16KiB,increment=8KiB", 2, 0),
+]
+
+
+@pytest.mark.parametrize("fixture,policy,sessions,shared", RUN_CASES,
+                         ids=["lazy-2-sessions", "shared-prefix", "static", "prefill-decode"])
+def test_lazykv_run_prints_python_generate_json(built, request, fixture, policy, sessions, shared):
+    """`lazykv_run --json` and Python's generate print the same document (schema
+    "lazykv-generate" version 1): the same keys with the same types at every level, the
+    same tokens, and the same byte figures (planned and lazy KV, per session and in
+    total, grows, copies, the shared prefix's); only measured times differ."""
     from lazykv.runtime_shim import load
     from lazykv.runtime_shim.generate import greedy_generate
 
-    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]
-    done = _run([RUNNER, llama_tiny_lazy[1].path, "--prompt-tokens", ",".join(map(str, prompt)),
-                 "--new-tokens", "24", "--policy", "step:8", "--json", "--quiet"], env=python_blas_env())
+    pte = str(request.getfixturevalue(fixture)[1].path)
+    args = ["--prompt-tokens", ",".join(map(str, PROMPT)), "--new-tokens", "24", "--policy", policy,
+            "--sessions", str(sessions), "--shared-prefix", str(shared)]
+    done = _run([RUNNER, pte, *args, "--json", "--quiet"], env=python_blas_env())
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout)
-    py = greedy_generate(load(llama_tiny_lazy[1].path, policy="step:8"), 0, 24, prompt_tokens=prompt)
-    want = py.as_json()
-    assert set(got) == set(want)
-    assert got["tokens"] == want["tokens"]
-    for key in ("kv_bytes_after_load", "kv_bytes_after_prefill", "kv_bytes_end", "bytes_per_position",
-                "max_positions", "policy", "grow_events", "bytes_copied", "new_tokens", "prompt_len"):
-        assert got[key] == want[key], key
-    assert got["kv_bytes_after_load"] == 0
-    # The Python CLI takes the same option.
-    cli = _run([Path(sys.executable).with_name("lazykv"), "generate", llama_tiny_lazy[1].path,
-                "--prompt-tokens", ",".join(map(str, prompt)), "--new-tokens", "24", "--json", "--quiet"])
+    want = greedy_generate(load(pte, policy=policy), 0, 24, sessions=sessions, shared_prefix=shared,
+                           prompt_tokens=PROMPT).as_json()
+    assert _schema(got) == _schema(want)
+    assert _figures(got) == _figures(want)
+    assert len(got["sessions"]) == sessions and got["sessions"][0]["tokens"]
+    lazy = fixture != "llama_tiny_static"
+    assert got["lazy"] is lazy and (got["planned_kv_bytes"] > 0) is not lazy
+    assert got["methods"] == ({"prefill": "prefill", "decode": "decode"} if fixture == "example_mm_lazy"
+                              else {"prefill": "forward", "decode": "forward"})
+    if lazy and policy != "preallocate":
+        assert got["totals"]["kv_bytes_after_load"] == 0
+    if shared:
+        assert got["shared_prefix"]["bytes_copied"] == (sessions - 1) * shared * got["bytes_per_position"]
+    else:
+        assert got["shared_prefix"] is None
+    # The Python CLI prints the same document.
+    cli = _run([Path(sys.executable).with_name("lazykv"), "generate", pte, *args, "--json", "--quiet"])
     assert cli.returncode == 0, cli.stderr
-    assert json.loads(cli.stdout)["tokens"] == got["tokens"]
+    assert _figures(json.loads(cli.stdout)) == _figures(got)
 
 
-def test_lazykv_run_refusals(built, llama_tiny_lazy):
+def test_lazykv_run_help_documents_the_schema(built, llama_tiny_lazy):
+    """Every key of the document (Python's, with a shared prefix: all keys present) is
+    named in `lazykv_run --help`, with the schema's name and version."""
+    from lazykv.runtime_shim import load
+    from lazykv.runtime_shim.generate import greedy_generate
+
+    doc = greedy_generate(load(llama_tiny_lazy[1].path), 4, 2, sessions=2, shared_prefix=2).as_json()
+    done = _run([RUNNER, "--help"])
+    assert done.returncode == 0
+
+    def keys(d):
+        for k, v in d.items():
+            yield k
+            for inner in ([v] if isinstance(v, dict) else v if isinstance(v, list) else []):
+                if isinstance(inner, dict):
+                    yield from keys(inner)
+
+    missing = [k for k in keys(doc) if not re.search(rf"\b{k}\b", done.stdout)]
+    assert not missing, missing
+    assert f'"{doc["schema"]}"' in done.stdout and f"version {doc['version']}" in done.stdout
+
+
+def test_lazykv_run_refusals(built, llama_tiny_lazy, llama_tiny_static):
     bad_policy = _run([RUNNER, llama_tiny_lazy[1].path, "--policy", "fib"])
     assert bad_policy.returncode == 2 and "unknown growth policy" in bad_policy.stderr
     too_long = _run([RUNNER, llama_tiny_lazy[1].path, "--prompt-len", "4000", "--new-tokens", "200", "--quiet"])
@@ -153,6 +241,26 @@ def test_lazykv_run_refusals(built, llama_tiny_lazy):
     assert budget.returncode == 1 and "MemoryBudgetExceeded" in budget.stderr
     missing = _run([RUNNER, "/nonexistent.pte"])
     assert missing.returncode == 1 and "InvalidProgram" in missing.stderr
+    # Methods: an unknown one names those the program has; a malformed list is a usage error.
+    unknown = _run([RUNNER, llama_tiny_lazy[1].path, "--method", "decode", "--quiet"])
+    assert unknown.returncode == 1 and "UnknownMethod" in unknown.stderr
+    assert "no method 'decode'; it has [" in unknown.stderr and "'forward'" in unknown.stderr
+    malformed = _run([RUNNER, llama_tiny_lazy[1].path, "--method", "a,b,c"])
+    assert malformed.returncode == 2 and "PREFILL,DECODE" in malformed.stderr
+    # A shared prefix: no longer than the prompt (usage), only for lazy programs (refused).
+    too_long = _run([RUNNER, llama_tiny_lazy[1].path, "--prompt-len", "4", "--shared-prefix", "5"])
+    assert too_long.returncode == 2 and "--shared-prefix 5 is longer than --prompt-len 4" in too_long.stderr
+    static = _run([RUNNER, llama_tiny_static[1].path, "--shared-prefix", "2", "--sessions", "2", "--quiet"])
+    assert static.returncode == 1 and "cannot be forked" in static.stderr
+
+
+def test_lazykv_run_prefill_decode_program_names_its_methods(built, example_mm_lazy):
+    """A prefill/decode program runs without --method; --method forward names what it has."""
+    auto = _run([RUNNER, example_mm_lazy[1].path, "--new-tokens", "3"])
+    assert auto.returncode == 0, auto.stderr
+    assert "prompt through 'prefill', new tokens through 'decode'" in auto.stderr
+    refused = _run([RUNNER, example_mm_lazy[1].path, "--method", "forward", "--quiet"])
+    assert refused.returncode == 1 and "no method 'forward'; it has ['decode', 'prefill']" in refused.stderr
 
 
 def _logits(out: str):
@@ -248,8 +356,8 @@ def test_lazykv_run_every_policy_equals_static_on_stock(built, llama_tiny_lazy, 
                         "--policy", policy, "--json", "--quiet", "--logits", tmp_path / "run.bin"], env=env)
             assert got.returncode == 0, got.stderr
             j = json.loads(got.stdout)
-            assert j["tokens"] == want_tokens, (policy, who)
+            assert j["sessions"][0]["tokens"] == want_tokens, (policy, who)
             logits = np.fromfile(tmp_path / "run.bin", dtype=np.float32)
             assert logits.shape == want_logits.shape
             assert float(np.abs(logits - want_logits).max()) == 0.0, (policy, who)
-            assert j["kv_bytes_after_load"] == (bound if policy == "preallocate" else 0), policy
+            assert j["totals"]["kv_bytes_after_load"] == (bound if policy == "preallocate" else 0), policy

@@ -10,7 +10,7 @@ import torch
 
 from lazykv import errors
 from lazykv.runtime_shim import load
-from lazykv.runtime_shim.native_runtime import NativeProgram
+from lazykv.runtime_shim.native_runtime import NativeProgram, NativeSession
 
 
 def _tok(t, pos):
@@ -104,3 +104,121 @@ def test_native_prefill_decode_on_one_session(example_mm_lazy, example_static, s
             s.run("decode", [torch.zeros((1, 2), dtype=torch.long), torch.tensor([pos])])  # decode takes one token
     for a, b in zip(ref, outs):
         assert torch.equal(a.reshape(b.shape), b)
+
+
+# -- fork, statistics and KV figures against Python's shim -------------------------------------
+
+from test_fork_prompt_cache import POLICIES, _decode, _feed, _last  # noqa: E402
+from test_fork_prompt_cache import _prompt as _tokens  # noqa: E402
+
+
+def _stats(session) -> dict:
+    """A session's counters as a dict of NativeSession's keys (either shim)."""
+    st = session.stats
+    return dict(st) if isinstance(st, dict) else {k: getattr(st, k) for k in NativeSession._STATS}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_native_fork_is_bit_exact_and_counts_like_python(policy, llama_tiny_lazy):
+    """`NativeSession.fork` (C++ `Session::fork`), as tests/test_fork_prompt_cache.py tests
+    Python's: after a 100-token prompt the session and its fork decode different tokens
+    for 20 steps, interleaved; each equals a fresh session fed its tokens, bit for bit.
+    The fork holds the policy's capacity and copied only the prefix; the source did not
+    change. The same calls through Python's shim give the same logits and leave both
+    sessions with the same statistics (grows, grow events, bytes copied, capacity, peak)."""
+    pte = llama_tiny_lazy[1].path
+    prompt = _tokens(100, seed=1)
+    runs = {}
+    for side, prog in (("native", NativeProgram(pte, policy=policy)), ("python", load(pte, policy=policy))):
+        with prog.session() as a:
+            _feed(a, prompt)
+            before = _stats(a)
+            with a.fork() as b:
+                forked = _stats(b)
+                assert _stats(a) == before
+                outs_a, outs_b, ta, tb = [], [], 5, 9
+                for _ in range(20):
+                    outs_a += _decode(a, ta, 1)
+                    outs_b += _decode(b, tb, 1)
+                    ta, tb = _last(outs_a[-1]), _last(outs_b[-1])
+                runs[side] = (outs_a, outs_b, forked, _stats(a), _stats(b))
+    nat_a, nat_b, forked, *nat_stats = runs["native"]
+    py_a, py_b, py_forked, *py_stats = runs["python"]
+    bpp, bound = forked["bytes_per_position"], forked["max_positions"]
+    assert forked["positions_filled"] == 100 and forked["bytes_copied"] == 100 * bpp
+    assert forked["capacity_positions"] == NativeProgram(pte, policy=policy).policy.capacity(100, bound, bpp)
+    assert forked["current_bytes"] == forked["capacity_positions"] * bpp
+    assert (forked, nat_stats) == (py_forked, py_stats)
+    assert all(torch.equal(x, y) for x, y in zip(nat_a + nat_b, py_a + py_b))
+    prog = NativeProgram(pte, policy=policy)
+    for first, outs in ((5, nat_a), (9, nat_b)):
+        with prog.session() as r:
+            _feed(r, prompt)
+            ref = _decode(r, first, 20)
+        assert all(torch.equal(x, y) for x, y in zip(ref, outs))
+
+
+def test_native_fork_of_a_prefix_nothing_and_refusals(native_lazy, llama_tiny_static):
+    prompt = _tokens(80, seed=2)
+    with native_lazy.session() as a:
+        _feed(a, prompt, chunk=30)  # the fork below ends where a call ended
+        bpp = a.stats["bytes_per_position"]
+        with a.fork(positions=30) as b:
+            assert b.offset == 30 and b.stats["bytes_copied"] == 30 * bpp
+            got = _decode(b, 7, 5)
+        with native_lazy.session() as r:
+            _feed(r, prompt[:, :30])
+            assert all(torch.equal(x, y) for x, y in zip(_decode(r, 7, 5), got))
+        with a.fork(positions=0) as c:
+            assert c.offset == 0 and c.kv_bytes == 0
+        for bad in (81, -1, 1.5, True):
+            with pytest.raises(errors.InvalidInput, match="positions must be an int from 0 to the 80"):
+                a.fork(positions=bad)
+        assert a.offset == 80
+    with pytest.raises(errors.SessionClosed):
+        a.fork()
+    with NativeProgram(llama_tiny_static[1].path).session() as s:
+        with pytest.raises(errors.LazyKVError, match="cannot be forked; export it with lazykv"):
+            s.fork()
+    capped = NativeProgram(native_lazy.source, policy="doubling", max_bytes=100 * bpp)
+    with capped.session() as a:
+        _feed(a, _tokens(70, seed=3))  # doubling wants 128 positions; 100 are affordable
+        with a.fork() as b:
+            assert b.capacity == 100 and b.kv_bytes <= 100 * bpp
+
+
+def test_native_fork_continues_a_prefill_decode_program(example_mm_lazy):
+    """A fork taken after `prefill` decodes with `decode` exactly as its source."""
+    prog = NativeProgram(example_mm_lazy[1].path)
+
+    def steps(s, n):
+        outs, tok = [], 3
+        for _ in range(n):
+            outs.append(s.run("decode", [torch.tensor([[tok]]), torch.tensor([s.offset])])[0])
+            tok = _last(outs[-1])
+        return outs
+
+    with prog.session() as a:
+        a.run("prefill", [_prompt(), torch.tensor([0])])
+        with a.fork() as b:
+            from_fork = steps(b, 10)
+        from_source = steps(a, 10)
+    assert all(torch.equal(x, y) for x, y in zip(from_source, from_fork))
+
+
+@pytest.mark.parametrize("fixture", ["llama_tiny_lazy", "llama_tiny_static", "example_mm_lazy",
+                                     "example_mm_static"])
+def test_native_kv_figures_equal_inspect(request, fixture):
+    """The C++ reader counts a program's KV bytes as `lazykv inspect` does: planned (the
+    static caches the cache-update kernels write) and at max context."""
+    from lazykv.inspect import inspect_pte
+    from lazykv.runtime_shim.generate import kv_figures
+
+    path = request.getfixturevalue(fixture)[1].path
+    info = inspect_pte(path)
+    got = NativeProgram(path).kv_figures
+    assert got == {"planned_bytes": info["kv_bytes_at_max_context"] - info["lazy_kv_bytes"],
+                   "at_max_context": info["kv_bytes_at_max_context"]}
+    py = kv_figures(load(path))
+    assert (got["planned_bytes"], got["at_max_context"]) == (py.planned_bytes, py.at_max_context)
+    assert (got["planned_bytes"] > 0) is fixture.endswith("static") and got["at_max_context"] > 0

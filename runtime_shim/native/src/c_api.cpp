@@ -90,6 +90,14 @@ LKV_EXPORT int lkv_program_digest(lkv_program* program, char* out) {
   return 0;
 }
 
+LKV_EXPORT int lkv_program_kv_figures(const lkv_program* program, int64_t* planned_bytes, int64_t* at_max_context) {
+  if (program == nullptr) return fail(lazykv::ErrorKind::InvalidInput, "null argument");
+  const lazykv::KvFigures& f = program->program->kv_figures();
+  if (planned_bytes) *planned_bytes = f.planned_bytes;
+  if (at_max_context) *at_max_context = f.at_max_context;
+  return 0;
+}
+
 static int wrap_session(lazykv::Result<std::unique_ptr<lazykv::Session>> s, lkv_session** out) {
   if (!s.ok()) return fail(s.status());
   lkv_session* handle = new (std::nothrow) lkv_session();
@@ -109,6 +117,12 @@ LKV_EXPORT int lkv_session_restore(lkv_program* program, const char* path, lkv_s
   if (program == nullptr || path == nullptr || out == nullptr) return fail(lazykv::ErrorKind::InvalidInput, "null argument");
   *out = nullptr;
   return wrap_session(program->program->restore(path), out);
+}
+
+LKV_EXPORT int lkv_session_fork(lkv_session* session, int64_t positions, lkv_session** out) {
+  if (session == nullptr || out == nullptr) return fail(lazykv::ErrorKind::InvalidInput, "null argument");
+  *out = nullptr;
+  return wrap_session(session->session->fork(positions), out);
 }
 
 LKV_EXPORT void lkv_session_free(lkv_session* session) { delete session; }
@@ -174,9 +188,9 @@ LKV_EXPORT int lkv_session_output(lkv_session* session, int32_t i, lkv_tensor* o
 LKV_EXPORT int lkv_session_stats(lkv_session* session, int64_t* out) {
   if (session == nullptr || out == nullptr) return fail(lazykv::ErrorKind::InvalidInput, "null argument");
   const lazykv::SessionStats s = session->session->stats();
-  const int64_t v[11] = {s.current_bytes, s.peak_bytes,    s.grow_events,        s.shrink_events,
+  const int64_t v[12] = {s.current_bytes, s.peak_bytes,    s.grow_events,        s.shrink_events,
                          s.bytes_copied,  s.positions_filled, s.capacity_positions, s.max_positions,
-                         s.bytes_per_position, s.allocations, s.frees};
+                         s.bytes_per_position, s.allocations, s.frees, s.grows};
   std::memcpy(out, v, sizeof(v));
   return 0;
 }

@@ -139,29 +139,67 @@ std::string Policy::spec() const {
 }
 
 Result<int64_t> parse_bytes(const std::string& text) {
-  // ^\s*(\d+)\s*([kmgt]?i?b?)?\s*$ (case-insensitive), binary units.
-  const std::string t = lower(strip(text));
-  size_t i = 0;
-  while (i < t.size() && std::isdigit(static_cast<unsigned char>(t[i]))) ++i;
-  const std::string digits = t.substr(0, i);
-  std::string unit = strip(t.substr(i));
-  int64_t n = 0;
-  const auto bad = [&text]() {
-    return Status(ErrorKind::PolicyError,
-                  "cannot read '" + text + "' as a byte size; use e.g. 67108864, 64M or 64MiB");
+  // lazykv/units.py: parse_size. ^\s*([0-9][0-9_,]*(\.[0-9]+)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$,
+  // SI units powers of 1000, IEC units powers of 1024, B or nothing bytes.
+  const std::string forms =
+      "use bytes (123), KiB/MiB/GiB (powers of 1024, e.g. 64MiB) or KB/MB/GB (powers of 1000, e.g. 1.5GB)";
+  const std::string t = strip(text);
+  const auto bad = [&](const std::string& hint) {
+    return policy_error("cannot read '" + text + "' as a size" + hint + "; " + forms);
   };
-  if (digits.empty() || !parse_int(digits, &n)) return bad();
-  size_t u = 0;
-  int shift = 0;
-  if (u < unit.size() && std::string("kmgt").find(unit[u]) != std::string::npos) {
-    shift = 10 * (1 + static_cast<int>(std::string("kmgt").find(unit[u])));
-    ++u;
+  size_t i = 0;
+  std::string whole, frac;
+  if (i < t.size() && std::isdigit(static_cast<unsigned char>(t[i]))) {
+    while (i < t.size() && (std::isdigit(static_cast<unsigned char>(t[i])) || t[i] == '_' || t[i] == ',')) {
+      if (t[i] != '_' && t[i] != ',') whole += t[i];
+      ++i;
+    }
   }
-  if (u < unit.size() && unit[u] == 'i') ++u;
-  if (u < unit.size() && unit[u] == 'b') ++u;
-  if (u != unit.size()) return bad();
-  if (shift && n > (INT64_MAX >> shift)) return bad();
-  return n << shift;
+  if (i + 1 < t.size() && t[i] == '.' && std::isdigit(static_cast<unsigned char>(t[i + 1]))) {
+    for (++i; i < t.size() && std::isdigit(static_cast<unsigned char>(t[i])); ++i) frac += t[i];
+  }
+  if (whole.empty() && frac.empty()) return bad(t.empty() || t[0] != '-' ? "" : " (a size cannot be negative)");
+  const std::string unit = lower(strip(t.substr(i)));
+  for (char c : unit) {
+    if (!std::isalpha(static_cast<unsigned char>(c))) return bad("");
+  }
+  static const std::vector<std::pair<std::string, int64_t>> units = {
+      {"", 1}, {"b", 1}, {"kb", 1000}, {"mb", 1000000}, {"gb", 1000000000}, {"tb", 1000000000000},
+      {"kib", int64_t(1) << 10}, {"mib", int64_t(1) << 20}, {"gib", int64_t(1) << 30}, {"tib", int64_t(1) << 40}};
+  int64_t scale = 0;
+  for (const auto& u : units) {
+    if (u.first == unit) scale = u.second;
+  }
+  if (scale == 0) {
+    if (unit.size() == 1 && std::string("kmgt").find(unit) != std::string::npos) {
+      std::string u = t.substr(i);
+      u = strip(u);
+      std::string upper = u;
+      for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+      return bad(" (" + u + " is ambiguous: write " + upper + "iB for powers of 1024 or " + upper +
+                 "B for powers of 1000)");
+    }
+    return bad("");
+  }
+  // (whole.frac) x scale, exactly: digits x scale / 10^len(frac), which must divide.
+  while (!frac.empty() && frac.back() == '0') frac.pop_back();
+  const auto not_whole = [&]() { return policy_error("'" + text + "' is not a whole number of bytes; " + forms); };
+  if (frac.size() > 30) return not_whole();
+  using u128 = unsigned __int128;
+  const u128 limit = ~u128(0) / 16;
+  u128 n = 0;
+  for (char c : whole + frac) {
+    if (n > limit / 10) return bad(" (too large)");
+    n = n * 10 + static_cast<unsigned>(c - '0');
+  }
+  if (n > limit / static_cast<u128>(scale)) return bad(" (too large)");
+  n *= static_cast<u128>(scale);
+  u128 div = 1;
+  for (size_t k = 0; k < frac.size(); ++k) div *= 10;
+  if (n % div != 0) return not_whole();
+  n /= div;
+  if (n > static_cast<u128>(INT64_MAX)) return bad(" (too large)");
+  return static_cast<int64_t>(n);
 }
 
 Result<Policy> Policy::parse(const std::string& text) {

@@ -11,6 +11,7 @@
 #include <executorch/runtime/backend/options.h>
 #include <executorch/runtime/platform/runtime.h>
 
+#include "kv_figures.h"
 #include "sha256.h"
 #include "state.h"
 
@@ -241,6 +242,7 @@ Status open_rebound(const std::string& path, ProgramState& st) {
     break;
   }
   st.lazy = have_manifest && !st.manifest.buffers.empty();
+  st.kv_figures = kv_figures(model, st.manifest);
   for (const fb::PlanModel& plan : model.plans) {
     Status checked = check_indices(plan, path);
     if (!checked.ok()) return checked;
@@ -364,6 +366,8 @@ int Program::weight_cache() const { return state_->weight_cache; }
 int64_t Program::patched_region_bytes() const {
   return static_cast<int64_t>(state_->loader ? state_->loader->region_bytes() : 0);
 }
+
+const KvFigures& Program::kv_figures() const { return state_->kv_figures; }
 
 Result<const MethodInfo*> Program::method_info(const std::string& name) const {
   auto it = state_->infos.find(name);

@@ -172,7 +172,14 @@ TensorValue read_tensor(const FbReader& r, size_t t) {
   }
   tv.dynamism_at = r.field(t, kTensor_shape_dynamism);
   tv.dynamism = tv.dynamism_at ? r.read<uint8_t>(tv.dynamism_at) : kStatic;
-  tv.has_allocation = r.field(t, kTensor_allocation_info) != 0;
+  tv.data_buffer_idx = r.scalar<uint32_t>(t, kTensor_data_buffer_idx, 0);
+  const size_t alloc = r.ref(t, kTensor_allocation_info);
+  tv.has_allocation = alloc != 0;
+  if (alloc != 0) {
+    tv.memory_id = r.scalar<uint32_t>(alloc, kAllocationDetails_memory_id, 0);
+    tv.memory_offset = static_cast<uint64_t>(r.scalar<uint32_t>(alloc, kAllocationDetails_memory_offset_high, 0)) << 32 |
+                       r.scalar<uint32_t>(alloc, kAllocationDetails_memory_offset_low, 0);
+  }
   const size_t extra = r.ref(t, kTensor_extra_tensor_info);
   if (extra != 0) {
     tv.fqn = r.string(extra, kExtraTensorInfo_fully_qualified_name);
@@ -218,6 +225,7 @@ PlanModel read_plan(const FbReader& r, size_t p) {
     size_t instrs;
     uint32_t n_instrs;
     r.vector(chain, kChain_instructions, 4, &instrs, &n_instrs);
+    plan.instructions += n_instrs;
     for (uint32_t k = 0; k < n_instrs; ++k) {
       const size_t ins = r.table_at(instrs, k);
       if (r.scalar<uint8_t>(ins, kInstruction_instr_args_type, 0) != kInstructionArguments_KernelCall) {

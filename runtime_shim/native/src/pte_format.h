@@ -33,10 +33,14 @@ constexpr uint16_t kEValue_val = 6;
 constexpr uint16_t kTensor_scalar_type = 4;
 constexpr uint16_t kTensor_sizes = 8;
 constexpr uint16_t kTensor_dim_order = 10;
+constexpr uint16_t kTensor_data_buffer_idx = 14;
 constexpr uint16_t kTensor_allocation_info = 16;
 constexpr uint16_t kTensor_shape_dynamism = 20;
 constexpr uint16_t kTensor_extra_tensor_info = 22;
 constexpr uint16_t kExtraTensorInfo_fully_qualified_name = 6;
+constexpr uint16_t kAllocationDetails_memory_id = 4;
+constexpr uint16_t kAllocationDetails_memory_offset_low = 6;
+constexpr uint16_t kAllocationDetails_memory_offset_high = 8;
 constexpr uint16_t kInt_int_val = 4;
 constexpr uint16_t kOperator_name = 4;
 constexpr uint16_t kOperator_overload = 6;
@@ -104,6 +108,9 @@ struct TensorValue {
   uint8_t dynamism = kStatic;
   size_t dynamism_at = 0;       ///< absolute position of the stored shape_dynamism byte (0: default)
   bool has_allocation = false;
+  uint32_t memory_id = 0;       ///< allocation_info, when has_allocation
+  uint64_t memory_offset = 0;   ///< allocation_info: (high << 32) | low
+  uint32_t data_buffer_idx = 0; ///< > 0: a constant (or mutable with an initial value)
   std::string fqn;
 };
 
@@ -128,6 +135,7 @@ struct PlanModel {
   size_t inputs_field = 0;  ///< absolute position of the plan's `inputs` offset field (0: absent)
   std::vector<std::pair<std::string, std::string>> operators;
   std::vector<KernelCall> kernels;  ///< every KernelCall, in chain order
+  size_t instructions = 0;          ///< every instruction of every chain (any kind)
   std::vector<int64_t> non_const_buffer_sizes;
   const TensorValue* tensor_of(int32_t value) const;
 };

@@ -90,13 +90,19 @@ void free_storage(detail::KvBuffer& b) {
   b.capacity = 0;
 }
 
-// (outer, inner bytes) of a buffer laid out with `growth_axis` as one dimension.
-void outer_inner(const LazyBuffer& lb, int64_t* outer, int64_t* inner) {
-  *outer = 1;
-  *inner = lb.element_size();
+// Copies the first `n` positions of buffer `lb` from storage holding `src_cap`
+// positions to storage holding `dst_cap` (the growth axis is one dimension of the
+// layout: each outer slice holds capacity x inner bytes).
+void copy_positions(const LazyBuffer& lb, uint8_t* dst, int64_t dst_cap, const uint8_t* src, int64_t src_cap,
+                    int64_t n) {
+  if (n <= 0) return;
+  int64_t outer = 1, inner = lb.element_size();
   for (size_t i = 0; i < lb.max_shape.size(); ++i) {
-    if (static_cast<int>(i) < lb.growth_axis) *outer *= lb.max_shape[i];
-    if (static_cast<int>(i) > lb.growth_axis) *inner *= lb.max_shape[i];
+    if (static_cast<int>(i) < lb.growth_axis) outer *= lb.max_shape[i];
+    if (static_cast<int>(i) > lb.growth_axis) inner *= lb.max_shape[i];
+  }
+  for (int64_t o = 0; o < outer; ++o) {
+    std::memcpy(dst + o * dst_cap * inner, src + o * src_cap * inner, static_cast<size_t>(n * inner));
   }
 }
 
@@ -133,7 +139,9 @@ Status Session::init() {
     int64_t target = initial;
     Status s = check_budget(initial, &target);
     if (!s.ok()) return s;
-    return resize(target);
+    s = resize(target);
+    if (s.ok()) kv_->grows += 1;
+    return s;
   }
   return Status();
 }
@@ -179,6 +187,7 @@ SessionStats Session::stats() const {
   s.bytes_per_position = program_->bytes_per_position();
   s.allocations = kv_->allocations;
   s.frees = kv_->frees;
+  s.grows = kv_->grows;
   return s;
 }
 
@@ -205,7 +214,9 @@ Status Session::ensure(int64_t need, int64_t bound) {
   target = std::max(std::min(std::max(target, cap), bound), need);
   Status s = check_budget(need, &target);
   if (!s.ok()) return s;
-  return resize(target);
+  s = resize(target);
+  if (s.ok()) kv_->grows += 1;
+  return s;
 }
 
 Status Session::resize(int64_t positions) {
@@ -244,11 +255,7 @@ Status Session::resize(int64_t positions) {
       kv.allocations += 1;
     } else {
       const int64_t keep = std::min(filled_, p);
-      int64_t outer, inner;
-      outer_inner(lb, &outer, &inner);
-      for (int64_t o = 0; o < outer && keep > 0; ++o) {
-        std::memcpy(data + o * p * inner, old.data + o * old.capacity * inner, static_cast<size_t>(keep * inner));
-      }
+      copy_positions(lb, data, p, old.data, old.capacity, keep);
       const int64_t old_bytes = static_cast<int64_t>(old.bytes);
       kv.current_bytes += static_cast<int64_t>(bytes) - old_bytes;
       kv.bytes_copied += keep * lb.bytes_per_position();
@@ -521,6 +528,52 @@ void Session::close() {
   if (!program_->lazy()) program_->state_->plain_sessions -= 1;
 }
 
+Result<std::unique_ptr<Session>> Session::fork(int64_t positions) {
+  std::lock_guard<std::recursive_mutex> lock(mutex_);
+  try {
+    Status s = check_open();
+    if (!s.ok()) return s;
+    if (!program_->lazy()) {
+      return Status(ErrorKind::InvalidProgram,
+                    program_->source() + " has no lazy KV buffers: its state lives inside the runtime and cannot be "
+                                         "forked; export it with lazykv to fork sessions");
+    }
+    const int64_t n = positions == -1 ? filled_ : positions;
+    if (n < 0 || n > filled_) {
+      return invalid_input("fork(positions=" + std::to_string(positions) + "): positions must be an int from 0 to the " +
+                           std::to_string(filled_) + " this session has filled");
+    }
+    auto made = program_->session();
+    if (!made.ok()) return made.status();
+    std::unique_ptr<Session> child = std::move(made.get());
+    if (n > 0) {
+      const int64_t bound = program_->max_positions();
+      const int64_t bpp = program_->bytes_per_position();
+      int64_t target = std::max(std::min(program_->policy().capacity(n, bound, bpp), bound), n);
+      s = child->check_budget(n, &target);
+      if (!s.ok()) return s;
+      if (target != child->kv_->capacity) {
+        s = child->resize(target);
+        if (!s.ok()) {
+          return Status(s.kind(), "fork of " + std::to_string(n) + " positions: " + s.message());
+        }
+      }
+      const std::vector<LazyBuffer>& buffers = program_->buffers();
+      for (size_t i = 0; i < buffers.size(); ++i) {
+        const LazyBuffer& lb = buffers[i];
+        const detail::KvBuffer& from = kv_->buffers[i];
+        const detail::KvBuffer& to = child->kv_->buffers[i];
+        copy_positions(lb, to.data, to.capacity, from.data, from.capacity, n);
+        child->kv_->bytes_copied += n * lb.bytes_per_position();
+      }
+      child->filled_ = n;
+    }
+    return child;
+  } catch (const std::bad_alloc&) {
+    return Status(ErrorKind::AllocationFailed, "out of memory forking a session");
+  }
+}
+
 Result<std::vector<uint8_t>> Session::buffer_prefix(const std::string& fqn) const {
   std::lock_guard<std::recursive_mutex> lock(mutex_);
   const auto& buffers = program_->buffers();
@@ -528,12 +581,8 @@ Result<std::vector<uint8_t>> Session::buffer_prefix(const std::string& fqn) cons
     if (buffers[i].fqn != fqn) continue;
     const LazyBuffer& lb = buffers[i];
     const detail::KvBuffer& b = kv_->buffers[i];
-    int64_t outer, inner;
-    outer_inner(lb, &outer, &inner);
     std::vector<uint8_t> out(static_cast<size_t>(filled_ * lb.bytes_per_position()));
-    for (int64_t o = 0; o < outer && filled_ > 0; ++o) {
-      std::memcpy(out.data() + o * filled_ * inner, b.data + o * b.capacity * inner, static_cast<size_t>(filled_ * inner));
-    }
+    copy_positions(lb, out.data(), filled_, b.data, b.capacity, filled_);
     return out;
   }
   return invalid_input("no lazy buffer '" + fqn + "'");
@@ -712,11 +761,7 @@ Result<std::unique_ptr<Session>> Program::restore(const std::string& path) {
           return file_error(path + ": truncated session file");
         }
         payload.update(data.data(), data.size());
-        int64_t outer, inner;
-        outer_inner(lb, &outer, &inner);
-        for (int64_t o = 0; o < outer; ++o) {
-          std::memcpy(b.data + o * b.capacity * inner, data.data() + o * filled * inner, static_cast<size_t>(filled * inner));
-        }
+        copy_positions(lb, b.data, b.capacity, data.data(), filled, filled);
       }
     }
     const json::Value* want = h.get("payload_sha256");  // absent in files from before the checksum

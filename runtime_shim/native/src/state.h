@@ -72,6 +72,7 @@ struct ProgramState {
   std::map<std::string, int64_t> method_bounds;  // lazy methods: min max_positions of their buffers
   int64_t bytes_per_position = 0;
   int64_t max_positions = 0;
+  KvFigures kv_figures;  // the program's KV bytes as `lazykv inspect` counts them
   int weight_cache = -1;
   PlannedMemory planned;
   std::map<std::string, std::unique_ptr<LoadedMethod>> loaded;
@@ -111,6 +112,7 @@ struct KvStorage {
   int64_t allocations = 0;
   int64_t frees = 0;
   int64_t bytes_copied = 0;
+  int64_t grows = 0;  // enlargements of the whole storage (SessionStats::grows)
   ~KvStorage();
 };
 

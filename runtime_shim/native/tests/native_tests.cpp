@@ -11,6 +11,8 @@
 //                                                 (tests/fuzz_native.py drives it)
 //   lazykv_native_tests policy                    lines "SPEC NEEDED BOUND BPP" on stdin -> capacities
 //                                                 (compared with policy.py)
+//   lazykv_native_tests bytes                     one size a line on stdin -> bytes (compared with
+//                                                 lazykv.units.parse_size)
 //
 // Each check prints "ok NAME" or "FAIL NAME: why"; the exit code is the failure count.
 #include <dlfcn.h>
@@ -159,6 +161,61 @@ std::vector<std::vector<float>> reference(const std::string& static_pte, const s
   return out;
 }
 
+// Session::fork on a session that ran `prompt` (16 tokens) and 24 greedy steps of the
+// reference: a fork of the first 16 positions continues the reference bit for bit; a
+// fork of everything and its source, given the same token, give the same logits and
+// stay independent; refusals leave the source unchanged.
+void fork_checks(lazykv::Program& prog, lazykv::Session& sess, const std::vector<std::vector<float>>& ref,
+                 const std::vector<int64_t>& ref_tokens, const std::string& spec) {
+  const int64_t bpp = prog.bytes_per_position(), filled = sess.offset();
+  const lazykv::SessionStats before = sess.stats();
+  auto part = sess.fork(16);
+  check(part.ok(), spec + ": fork(16)", part.ok() ? "" : part.status().to_string());
+  if (!part.ok()) return;
+  lazykv::Session& p = *part.get();
+  const int64_t want_cap = std::max(std::min(prog.policy().capacity(16, prog.max_positions(), bpp), prog.max_positions()),
+                                    int64_t(16));
+  const lazykv::SessionStats ps = p.stats();
+  check(p.offset() == 16 && ps.capacity_positions == want_cap && ps.bytes_copied == 16 * bpp &&
+            p.kv_bytes() == want_cap * bpp,
+        spec + ": a fork holds the policy's capacity and copies only the prefix",
+        std::to_string(ps.capacity_positions) + " positions, " + std::to_string(ps.bytes_copied) + " bytes copied");
+  float diff = 0;
+  bool ran = true;
+  for (int i = 0; i < 8; ++i) {
+    auto o = p.run("forward", make({ref_tokens[static_cast<size_t>(i)]}, 16 + i).evalues());
+    if (!o.ok()) {
+      ran = false;
+      break;
+    }
+    diff = std::max(diff, max_diff(last_logits(o.get()[0]), ref[static_cast<size_t>(i) + 1]));
+  }
+  check(ran && diff == 0.0f, spec + ": a fork of a prefix continues the static program's logits bit for bit",
+        "max diff " + std::to_string(diff));
+  const lazykv::SessionStats after = sess.stats();
+  check(sess.offset() == filled && after.capacity_positions == before.capacity_positions &&
+            after.bytes_copied == before.bytes_copied && sess.kv_bytes() == before.current_bytes,
+        spec + ": forking leaves the source unchanged");
+  auto whole = sess.fork();
+  check(whole.ok() && whole.get()->offset() == filled, spec + ": fork() copies every filled position");
+  if (whole.ok()) {
+    auto a = whole.get()->run("forward", make({5}, filled).evalues());
+    const std::vector<float> from_fork = a.ok() ? last_logits(a.get()[0]) : std::vector<float>{};
+    auto b = sess.run("forward", make({5}, filled).evalues());
+    check(a.ok() && b.ok() && max_diff(from_fork, last_logits(b.get()[0])) == 0.0f,
+          spec + ": a fork and its source give the same logits for the same token");
+    auto c = whole.get()->run("forward", make({9}, filled + 1).evalues());
+    check(c.ok() && sess.offset() == filled + 1 && whole.get()->offset() == filled + 2,
+          spec + ": a fork runs independently of its source");
+    sess.trim(1);
+  }
+  check_err(sess.fork(filled + 1), lazykv::ErrorKind::InvalidInput, spec + ": fork past the filled positions refused");
+  check_err(sess.fork(-2), lazykv::ErrorKind::InvalidInput, spec + ": fork of negative positions refused");
+  auto none = sess.fork(0);
+  check(none.ok() && none.get()->offset() == 0 && none.get()->stats().bytes_copied == 0, spec + ": fork(0)");
+  check(sess.offset() == filled, spec + ": refused forks leave the source as it was");
+}
+
 int model(const std::string& lazy_pte, const std::string& static_pte) {
   std::vector<int64_t> prompt;
   for (int i = 0; i < 16; ++i) prompt.push_back((i * 37 + 11) % 512);
@@ -202,6 +259,9 @@ int model(const std::string& lazy_pte, const std::string& static_pte) {
           "max diff " + std::to_string(diff));
     const lazykv::SessionStats st = sess.stats();
     check(st.positions_filled == 16 + steps && st.capacity_positions >= st.positions_filled, std::string(spec) + ": stats");
+    check(st.grows >= 1 && st.grows <= st.grow_events, std::string(spec) + ": grows count the storage, not buffers",
+          std::to_string(st.grows) + " / " + std::to_string(st.grow_events));
+    fork_checks(*prog.get(), sess, ref, ref_tokens, spec);
     // Refusals leave the session usable.
     check_err(sess.run("forward", make({1}, 3).evalues()), lazykv::ErrorKind::InvalidInput, std::string(spec) + ": gap refused");
     check_err(sess.run("forward", make({100000}, 40).evalues()), lazykv::ErrorKind::InvalidInput, std::string(spec) + ": token out of range");
@@ -225,6 +285,14 @@ int model(const std::string& lazy_pte, const std::string& static_pte) {
           std::string(spec) + ": two sessions interleaved stay independent");
     sess.close();
     check_err(sess.run("forward", make({1}, 0).evalues()), lazykv::ErrorKind::SessionClosed, std::string(spec) + ": closed");
+    check_err(sess.fork(), lazykv::ErrorKind::SessionClosed, std::string(spec) + ": fork of a closed session");
+  }
+  // A static program's state lives inside the runtime: no fork.
+  auto static_prog = lazykv::Program::load(static_pte);
+  if (static_prog.ok()) {
+    auto s = static_prog.get()->session();
+    check(s.ok(), "static program: session");
+    if (s.ok()) check_err(s.get()->fork(), lazykv::ErrorKind::InvalidProgram, "static program: fork refused");
   }
   // Budget and bound.
   lazykv::LoadOptions opt;
@@ -457,7 +525,21 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
+  if (mode == "bytes") {  // one size a line -> its bytes, or "error KIND"
+    std::string line;
+    for (int c = std::getchar(); c != EOF; c = std::getchar()) {
+      if (c != '\n') {
+        line += static_cast<char>(c);
+        continue;
+      }
+      auto b = lazykv::parse_bytes(line);
+      if (b.ok()) std::printf("%lld\n", (long long)b.get());
+      else std::printf("error %s\n", lazykv::error_kind_name(b.status().kind()));
+      line.clear();
+    }
+    return 0;
+  }
   std::fprintf(stderr, "usage: lazykv_native_tests unit | model LAZY STATIC | save LAZY FILE N | restore LAZY FILE TOKEN"
-                       " | policy < lines\n");
+                       " | policy < lines | bytes < lines\n");
   return 2;
 }

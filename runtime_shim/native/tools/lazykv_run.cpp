@@ -2,57 +2,94 @@
 //
 //   lazykv_run model.pte --prompt-len 64 --new-tokens 200 --policy step:256 --json
 //
-// The same options and the same --json keys as `lazykv generate`; with --prompt-tokens
-// both run the same prompt and print the same tokens. Messages go to stderr, stdout
-// holds only the JSON object with --json. Exit codes: 0 ok, 1 a refused run (the
-// message names the problem), 2 a usage error.
+// The options of `lazykv generate` and, with --json, its document (schema
+// "lazykv-generate" version 1, generate.h: to_json); with --prompt-tokens both run the
+// same prompt and print the same tokens. Messages go to stderr; with --json stdout holds
+// only the JSON object. Exit codes: 0 ok, 1 a refused run (the message names the
+// problem), 2 a usage error.
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
-#include <random>
 #include <string>
 #include <vector>
 
-#include <executorch/extension/tensor/tensor_ptr.h>
-#include <executorch/extension/tensor/tensor_ptr_maker.h>
-
 #include <lazykv/lazykv.h>
 
+#include "generate.h"
 #include "host.h"
 
 namespace {
 
-using executorch::aten::ScalarType;
-using executorch::runtime::EValue;
-
 const char* kUsage =
     "usage: lazykv_run PTE [--prompt-len N] [--new-tokens N] [--policy P] [--max-bytes B]\n"
-    "                      [--sessions N] [--method NAME] [--seed N] [--prompt-tokens 1,2,3]\n"
-    "                      [--json] [--quiet] [--logits FILE] [--save-session FILE]\n"
+    "                      [--sessions N] [--shared-prefix P] [--method NAME[,NAME]] [--seed N]\n"
+    "                      [--prompt-tokens 1,2,3] [--json] [--quiet] [--logits FILE]\n"
+    "                      [--save-session FILE]\n";
+
+const char* kHelp =
+    "\n"
     "Greedy generation from a seeded random prompt (or --prompt-tokens) through the lazykv\n"
-    "C++ runtime; reports KV memory like `lazykv generate`. --logits writes every call's\n"
-    "last-position logits (float32, session 0) to FILE; --save-session saves session 0.\n";
+    "C++ runtime; reports KV memory like `lazykv generate`, with the same options.\n"
+    "\n"
+    "  --prompt-len N       tokens in the random prompt (default 16)\n"
+    "  --new-tokens N       tokens to generate greedily (default 64)\n"
+    "  --policy P           doubling, step:N, hybrid[:start=N,linear_after=B,increment=B],\n"
+    "                       preallocate (N: positions) (default doubling)\n"
+    "  --max-bytes B        cap on each session's lazy KV storage: bytes, 64MiB (2^20) or\n"
+    "                       64MB (10^6)\n"
+    "  --sessions N         independent sessions, interleaved token by token (default 1)\n"
+    "  --shared-prefix P    the first P prompt tokens are the same in every session:\n"
+    "                       computed once, then forked into the others (lazy programs)\n"
+    "  --method NAME[,NAME] method for prompt and new tokens, or PREFILL,DECODE\n"
+    "                       (default: forward, else prefill,decode)\n"
+    "  --seed N             seed of the random prompt (a C++ generator: not Python's tokens)\n"
+    "  --prompt-tokens IDS  the prompt as token ids, e.g. 1,2,3 (overrides --prompt-len)\n"
+    "  --json               print only a JSON object on stdout (below)\n"
+    "  --quiet              no summary on stderr\n"
+    "  --logits FILE        every call's last-position logits of session 0 (float32)\n"
+    "  --save-session FILE  save session 0 (Python's session-file format)\n"
+    "\n"
+    "KV bytes count what the program holds as `lazykv inspect` does: a static program's\n"
+    "planned KV cache from load on (held once, shared by its sessions), plus each\n"
+    "session's lazy storage.\n"
+    "\n"
+    "--json prints the document of `lazykv generate --json` (schema \"lazykv-generate\",\n"
+    "version 1; every key present whatever --sessions is):\n"
+    "  schema, version, program, lazy, policy, methods {prefill, decode}, prompt_len,\n"
+    "  new_tokens, max_positions, bytes_per_position (lazy, per session),\n"
+    "  planned_kv_bytes (static, shared), kv_bytes_at_max_context,\n"
+    "  sessions: [{index, prompt, tokens, positions_filled, kv_bytes_after_prefill,\n"
+    "              kv_bytes_end, peak_kv_bytes, grows, buffer_grow_events,\n"
+    "              bytes_copied}]   (bytes: the session's own lazy storage),\n"
+    "  totals: {sessions, kv_bytes_after_load, kv_bytes_after_prefill, kv_bytes_end,\n"
+    "           peak_kv_bytes, grows, bytes_copied, prefill_seconds, decode_seconds,\n"
+    "           decode_tokens, decode_tokens_per_s}   (bytes: planned + all sessions),\n"
+    "  shared_prefix: null, or with --shared-prefix {positions, prefill_seconds,\n"
+    "           fork_seconds, bytes_copied, prefill_seconds_unshared_estimate,\n"
+    "           seconds_saved, positions_saved, bytes_saved}\n"
+    "`grows` counts enlargements of a session's storage (all buffers at once count\n"
+    "once); `buffer_grow_events` counts them per buffer.\n"
+    "\n"
+    "Exit codes:\n"
+    "  0  generated\n"
+    "  1  lazykv refused the run (e.g. more positions than the program holds, a KV\n"
+    "     budget exceeded, an unknown method) or the runtime failed; the message says why\n"
+    "  2  usage error (a bad option or value)\n";
 
 struct Args {
   std::string pte;
-  int64_t prompt_len = 16;
-  int64_t new_tokens = 64;
+  lazykv::gen::Options gen;
   std::string policy = "doubling";
   std::string max_bytes;
-  int64_t sessions = 1;
-  std::string method = "forward";
-  uint64_t seed = 0;
-  std::vector<int64_t> prompt_tokens;
   bool json = false;
   bool quiet = false;
   std::string logits;
-  std::string save_session;
 };
 
 int usage_error(const std::string& message) {
-  std::fprintf(stderr, "%sError: %s\n", kUsage, message.c_str());
+  std::fprintf(stderr, "%sTry 'lazykv_run --help' for help.\n\nError: %s\n", kUsage, message.c_str());
   return 2;
 }
 
@@ -65,48 +102,55 @@ bool to_int(const char* s, int64_t* out) {
   return true;
 }
 
+// 0 to run, -1 after --help, else the exit code of a usage error.
 int parse_args(int argc, char** argv, Args* a) {
+  lazykv::gen::Options& g = a->gen;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    auto value = [&](const char** out) {
+    const char* v = nullptr;
+    auto value = [&]() {
       if (i + 1 >= argc) return false;
-      *out = argv[++i];
+      v = argv[++i];
       return true;
     };
-    const char* v = nullptr;
     if (arg == "-h" || arg == "--help") {
       std::fputs(kUsage, stdout);
+      std::fputs(kHelp, stdout);
       return -1;
     } else if (arg == "--json") {
       a->json = true;
     } else if (arg == "--quiet") {
       a->quiet = true;
-    } else if (arg == "--prompt-len" || arg == "--new-tokens" || arg == "--sessions" || arg == "--seed") {
+    } else if (arg == "--prompt-len" || arg == "--new-tokens" || arg == "--sessions" || arg == "--seed" ||
+               arg == "--shared-prefix") {
       int64_t n = 0;
-      if (!value(&v) || !to_int(v, &n)) return usage_error(arg + " needs an integer");
+      if (!value() || !to_int(v, &n)) return usage_error(arg + " needs an integer");
       if (arg == "--prompt-len") {
         if (n < 1) return usage_error("--prompt-len must be >= 1");
-        a->prompt_len = n;
+        g.prompt_len = n;
       } else if (arg == "--new-tokens") {
         if (n < 0) return usage_error("--new-tokens must be >= 0");
-        a->new_tokens = n;
+        g.new_tokens = n;
       } else if (arg == "--sessions") {
         if (n < 1) return usage_error("--sessions must be >= 1");
-        a->sessions = n;
+        g.sessions = n;
+      } else if (arg == "--shared-prefix") {
+        if (n < 0) return usage_error("--shared-prefix must be >= 0");
+        g.shared_prefix = n;
       } else {
-        a->seed = static_cast<uint64_t>(n);
+        g.seed = static_cast<uint64_t>(n);
       }
     } else if (arg == "--policy" || arg == "--max-bytes" || arg == "--method" || arg == "--logits" ||
                arg == "--save-session") {
-      if (!value(&v)) return usage_error(arg + " needs a value");
+      if (!value()) return usage_error(arg + " needs a value");
       if (arg == "--policy") a->policy = v;
       else if (arg == "--max-bytes") a->max_bytes = v;
-      else if (arg == "--method") a->method = v;
+      else if (arg == "--method") g.method = v;
       else if (arg == "--logits") a->logits = v;
-      else a->save_session = v;
+      else g.save_session = v;
     } else if (arg == "--prompt-tokens") {
-      if (!value(&v)) return usage_error("--prompt-tokens needs a list like 1,2,3");
-      std::string s = v;
+      if (!value()) return usage_error("--prompt-tokens needs a list like 1,2,3");
+      const std::string s = v;
       size_t pos = 0;
       while (pos <= s.size()) {
         size_t comma = s.find(',', pos);
@@ -114,7 +158,7 @@ int parse_args(int argc, char** argv, Args* a) {
         const std::string item = s.substr(pos, comma - pos);
         int64_t t = 0;
         if (!to_int(item.c_str(), &t)) return usage_error("--prompt-tokens: '" + item + "' is not an integer");
-        a->prompt_tokens.push_back(t);
+        g.prompt_tokens.push_back(t);
         pos = comma + 1;
       }
     } else if (!arg.empty() && arg[0] == '-') {
@@ -126,7 +170,18 @@ int parse_args(int argc, char** argv, Args* a) {
     }
   }
   if (a->pte.empty()) return usage_error("missing the .pte to run");
-  if (!a->prompt_tokens.empty()) a->prompt_len = static_cast<int64_t>(a->prompt_tokens.size());
+  if (!g.prompt_tokens.empty()) g.prompt_len = static_cast<int64_t>(g.prompt_tokens.size());
+  if (g.shared_prefix > g.prompt_len) {
+    return usage_error("--shared-prefix " + std::to_string(g.shared_prefix) + " is longer than --prompt-len " +
+                       std::to_string(g.prompt_len) + (g.prompt_tokens.empty() ? "" : " (the number of --prompt-tokens)"));
+  }
+  const std::string& m = g.method;
+  if (!m.empty()) {
+    const size_t comma = m.find(',');
+    const bool bad = m.front() == ',' || m.back() == ',' ||
+                     (comma != std::string::npos && m.find(',', comma + 1) != std::string::npos);
+    if (bad) return usage_error("--method: give one method name or PREFILL,DECODE");
+  }
   return 0;
 }
 
@@ -135,50 +190,47 @@ int fail(const lazykv::Status& s) {
   return 1;
 }
 
-// Index of the largest last-position logit; keeps the logits if asked.
-int64_t argmax_last(const executorch::runtime::EValue& out, std::vector<float>* keep) {
-  const std::vector<float> logits = lazykv::host::last_logits(out);
-  if (keep != nullptr) keep->insert(keep->end(), logits.begin(), logits.end());
-  return lazykv::host::argmax(logits);
+std::string with_commas(int64_t n) {
+  std::string s = std::to_string(n < 0 ? -n : n);
+  for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3) s.insert(static_cast<size_t>(i), ",");
+  return (n < 0 ? "-" : "") + s;
 }
 
-struct Inputs {
-  executorch::extension::TensorPtr tokens;
-  executorch::extension::TensorPtr pos;
-};
-
-// The user inputs of a decoder method for `tokens` starting at `pos`: the fill rule
-// names them for a lazy program, else ExecuTorch Llama's (tokens [1, S], input_pos [1]).
-int token_input(const lazykv::MethodInfo& info) { return info.length_input >= 0 ? info.length_input : 0; }
-int position_input(const lazykv::MethodInfo& info) { return info.position_input >= 0 ? info.position_input : 1; }
-
-executorch::extension::TensorPtr int_tensor(std::vector<int> sizes, const std::vector<int64_t>& v, int scalar_type) {
-  if (scalar_type == static_cast<int>(ScalarType::Int)) {
-    return executorch::extension::make_tensor_ptr(std::move(sizes), std::vector<int32_t>(v.begin(), v.end()));
+void summary(const lazykv::gen::GenerationResult& r) {
+  const size_t n = r.sessions.size();
+  if (r.prefill_method != r.decode_method) {
+    std::fprintf(stderr, "methods: prompt through '%s', new tokens through '%s'\n", r.prefill_method.c_str(),
+                 r.decode_method.c_str());
   }
-  return executorch::extension::make_tensor_ptr(std::move(sizes), std::vector<int64_t>(v));
-}
-
-Inputs make_inputs(const lazykv::MethodInfo& info, const std::vector<int64_t>& tokens, int64_t pos) {
-  const lazykv::InputSpec& pos_spec = info.inputs[static_cast<size_t>(position_input(info))];
-  const lazykv::InputSpec& tok_spec = info.inputs[static_cast<size_t>(token_input(info))];
-  Inputs in;
-  in.tokens = int_tensor({1, static_cast<int>(tokens.size())}, tokens, tok_spec.scalar_type);
-  if (pos_spec.sizes.size() == 1 && pos_spec.sizes[0] == 1 && !pos_spec.dynamic) {
-    in.pos = int_tensor({1}, {pos}, pos_spec.scalar_type);
-  } else {  // cache_position-style: one position per token
-    std::vector<int64_t> p;
-    for (size_t i = 0; i < tokens.size(); ++i) p.push_back(pos + static_cast<int64_t>(i));
-    in.pos = int_tensor({static_cast<int>(p.size())}, p, pos_spec.scalar_type);
+  std::fprintf(stderr, "prefill %zu x %zu: %.3f s; decode: %.1f tokens/s\n", r.sessions[0].prompt.size(), n,
+               r.prefill_seconds, r.decode_tokens_per_s());
+  std::fprintf(stderr, "KV bytes: after load %s, after prefill %s, end %s, peak %s\n",
+               with_commas(r.kv_bytes_after_load).c_str(), with_commas(r.kv_bytes_after_prefill).c_str(),
+               with_commas(r.kv_bytes_end).c_str(), with_commas(r.peak_kv_bytes).c_str());
+  if (r.planned_kv_bytes) {
+    std::fprintf(stderr, "  of which planned (static KV cache, held from load on, shared by the sessions): %s\n",
+                 with_commas(r.planned_kv_bytes).c_str());
   }
-  return in;
-}
-
-std::vector<EValue> ordered(const lazykv::MethodInfo& info, const Inputs& in) {
-  std::vector<EValue> v(2);
-  v[static_cast<size_t>(token_input(info))] = EValue(*in.tokens);
-  v[static_cast<size_t>(position_input(info))] = EValue(*in.pos);
-  return v;
+  if (r.lazy) {
+    std::fprintf(stderr, "a static program would hold %s bytes of KV (%zu x %s); the sessions grew %lld times, "
+                         "copying %s bytes\n",
+                 with_commas(r.kv_bytes_at_max_context * static_cast<int64_t>(n)).c_str(), n,
+                 with_commas(r.kv_bytes_at_max_context).c_str(), (long long)r.grows(),
+                 with_commas(r.bytes_copied()).c_str());
+  }
+  if (r.has_shared_prefix) {
+    const auto& sp = r.shared_prefix;
+    std::fprintf(stderr, "shared prefix %lld tokens: computed once in %.3f s, forked %zu x in %.3f s (%s bytes "
+                         "copied); computing it in every session: ~%.3f s\n",
+                 (long long)sp.positions, sp.prefill_seconds, n - 1, sp.fork_seconds,
+                 with_commas(sp.bytes_copied).c_str(), sp.prefill_seconds_unshared_estimate);
+  }
+  for (size_t k = 0; k < n; ++k) {
+    const auto& t = r.sessions[k].tokens;
+    std::string s;
+    for (size_t i = 0; i < t.size() && i < 32; ++i) s += (i ? ", " : "") + std::to_string(t[i]);
+    std::fprintf(stderr, "session %zu: [%s]%s\n", k, s.c_str(), t.size() > 32 ? " ..." : "");
+  }
 }
 
 }  // namespace
@@ -193,7 +245,7 @@ int main(int argc, char** argv) {
   options.policy = policy.get();
   if (!a.max_bytes.empty()) {
     auto mb = lazykv::parse_bytes(a.max_bytes);
-    if (!mb.ok()) return usage_error(mb.status().message());
+    if (!mb.ok()) return usage_error("--max-bytes: " + mb.status().message());
     options.max_bytes = mb.get();
   }
   const std::string ops = lazykv::host::load_custom_ops();
@@ -204,120 +256,17 @@ int main(int argc, char** argv) {
   if (!loaded.ok()) return fail(loaded.status());
   std::shared_ptr<lazykv::Program> program = loaded.get();
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
-  auto info_r = program->method_info(a.method);
-  if (!info_r.ok()) return fail(info_r.status());
-  const lazykv::MethodInfo& info = *info_r.get();
-  if (info.inputs.size() != 2 || info.inputs[0].kind != lazykv::InputSpec::Kind::Tensor ||
-      info.inputs[1].kind != lazykv::InputSpec::Kind::Tensor) {
-    return fail(lazykv::Status(lazykv::ErrorKind::InvalidInput,
-                               "lazykv_run drives decoders taking (tokens, positions); '" + a.method + "' takes " +
-                                   std::to_string(info.inputs.size()) + " inputs"));
-  }
   if (!a.quiet) {
-    std::fprintf(stderr, "loaded %s in %.2f s (%s); policy %s\n", a.pte.c_str(), load_s,
-                 program->lazy() ? (std::to_string(program->buffers().size()) + " lazy KV buffers").c_str()
-                                 : "no lazy KV buffers",
+    const std::string what =
+        program->lazy() ? "lazy KV, " + std::to_string(program->buffers().size()) + " buffers" : "no lazy KV buffers";
+    std::fprintf(stderr, "loaded %s in %.2f s (%s); policy %s\n", a.pte.c_str(), load_s, what.c_str(),
                  options.policy.spec().c_str());
   }
-  if (program->lazy() && a.prompt_len + std::max<int64_t>(a.new_tokens - 1, 0) > program->max_positions()) {
-    return fail(lazykv::Status(lazykv::ErrorKind::ContextOverflow,
-                               "prompt " + std::to_string(a.prompt_len) + " + " + std::to_string(a.new_tokens) +
-                                   " new tokens needs " + std::to_string(a.prompt_len + a.new_tokens - 1) +
-                                   " positions; " + a.pte + " holds at most " +
-                                   std::to_string(program->max_positions())));
-  }
-  int64_t vocab = -1;
-  for (const auto& n : program->method_names()) {
-    if (n == "get_vocab_size") {
-      auto v = program->constant_int(n);
-      if (!v.ok()) return fail(v.status());
-      vocab = v.get();
-    }
-  }
-  if (vocab < 0) {
-    for (const auto& tv : info.token_inputs) vocab = tv.second;
-  }
-  if (vocab <= 0 && a.prompt_tokens.empty()) {
-    return fail(lazykv::Status(lazykv::ErrorKind::InvalidInput,
-                               "cannot tell the vocabulary size (no get_vocab_size method); pass --prompt-tokens"));
-  }
-  // Prompts: given, or seeded random ones (a C++ generator: not the same tokens as
-  // Python's torch.randint for the same seed; pass --prompt-tokens to compare).
-  std::mt19937_64 rng(a.seed);
-  std::vector<std::vector<int64_t>> prompts;
-  for (int64_t k = 0; k < a.sessions; ++k) {
-    if (!a.prompt_tokens.empty()) {
-      prompts.push_back(a.prompt_tokens);
-      continue;
-    }
-    std::vector<int64_t> p;
-    for (int64_t i = 0; i < a.prompt_len; ++i) p.push_back(static_cast<int64_t>(rng() % static_cast<uint64_t>(vocab)));
-    prompts.push_back(p);
-  }
-  const lazykv::InputSpec& tok_spec = info.inputs[static_cast<size_t>(token_input(info))];
-  const int64_t chunk = tok_spec.dynamic && tok_spec.sizes.size() == 2 ? tok_spec.sizes[1] : a.prompt_len;
-  std::vector<std::unique_ptr<lazykv::Session>> ss;
-  for (int64_t k = 0; k < a.sessions; ++k) {
-    auto s = program->session();
-    if (!s.ok()) return fail(s.status());
-    ss.push_back(std::move(s.get()));
-  }
-  auto kv = [&ss]() {
-    int64_t n = 0;
-    for (const auto& s : ss) n += s->kv_bytes();
-    return n;
-  };
   std::vector<float> logits;
-  std::vector<float>* keep = a.logits.empty() ? nullptr : &logits;
-  int64_t peak = kv();
-  const int64_t kv_after_load = peak;
-  std::vector<std::vector<int64_t>> generated(ss.size());
-  const auto t0 = std::chrono::steady_clock::now();
-  for (size_t k = 0; k < ss.size(); ++k) {
-    int64_t pos = 0;
-    int64_t next = -1;
-    while (pos < a.prompt_len) {
-      const int64_t n = std::min(chunk, a.prompt_len - pos);
-      std::vector<int64_t> piece(prompts[k].begin() + pos, prompts[k].begin() + pos + n);
-      Inputs in = make_inputs(info, piece, pos);
-      auto out = ss[k]->run(a.method, ordered(info, in));
-      if (!out.ok()) return fail(out.status());
-      if (out->empty() || !out.get()[0].isTensor() || out.get()[0].toTensor().scalar_type() != ScalarType::Float) {
-        return fail(lazykv::Status(lazykv::ErrorKind::ExecutionFailed, "the method's first output is not float logits"));
-      }
-      next = argmax_last(out.get()[0], k == 0 ? keep : nullptr);
-      pos += n;
-    }
-    if (a.new_tokens > 0) generated[k].push_back(next);
-    peak = std::max(peak, kv());
-  }
-  const double prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const int64_t kv_after_prefill = kv();
-  const int64_t steps = std::max<int64_t>(a.new_tokens - 1, 0);
-  const auto t1 = std::chrono::steady_clock::now();
-  for (int64_t i = 0; i < steps; ++i) {
-    for (size_t k = 0; k < ss.size(); ++k) {
-      Inputs in = make_inputs(info, {generated[k].back()}, a.prompt_len + i);
-      auto out = ss[k]->run(a.method, ordered(info, in));
-      if (!out.ok()) return fail(out.status());
-      generated[k].push_back(argmax_last(out.get()[0], k == 0 ? keep : nullptr));
-    }
-    peak = std::max(peak, kv());
-  }
-  const double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
-  int64_t grow = 0, copied = 0, stat_peak = 0;
-  for (const auto& s : ss) {
-    const lazykv::SessionStats st = s->stats();
-    grow += st.grow_events;
-    copied += st.bytes_copied;
-    stat_peak += st.peak_bytes;
-  }
-  peak = std::max(peak, stat_peak);
-  if (!a.save_session.empty()) {
-    auto saved = ss[0]->save(a.save_session);
-    if (!saved.ok()) return fail(saved.status());
-  }
-  if (keep != nullptr) {
+  if (!a.logits.empty()) a.gen.logits = &logits;
+  auto result = lazykv::gen::greedy_generate(*program, a.gen);
+  if (!result.ok()) return fail(result.status());
+  if (!a.logits.empty()) {
     FILE* f = std::fopen(a.logits.c_str(), "wb");
     if (f == nullptr || std::fwrite(logits.data(), sizeof(float), logits.size(), f) != logits.size()) {
       if (f) std::fclose(f);
@@ -325,46 +274,7 @@ int main(int argc, char** argv) {
     }
     std::fclose(f);
   }
-  const double tps = decode_s > 0 ? static_cast<double>(steps * a.sessions) / decode_s : NAN;
-  auto token_list = [](const std::vector<int64_t>& t) {
-    std::string s = "[";
-    for (size_t i = 0; i < t.size(); ++i) s += (i ? ", " : "") + std::to_string(t[i]);
-    return s + "]";
-  };
-  std::string tokens_json;
-  if (ss.size() == 1) {
-    tokens_json = token_list(generated[0]);
-  } else {
-    tokens_json = "[";
-    for (size_t k = 0; k < generated.size(); ++k) tokens_json += (k ? ", " : "") + token_list(generated[k]);
-    tokens_json += "]";
-  }
-  if (a.json) {
-    char tps_s[64];
-    if (std::isnan(tps)) std::snprintf(tps_s, sizeof(tps_s), "NaN");
-    else std::snprintf(tps_s, sizeof(tps_s), "%.17g", tps);
-    std::printf(
-        "{\"kv_bytes_after_load\": %lld, \"kv_bytes_after_prefill\": %lld, \"kv_bytes_end\": %lld, "
-        "\"peak_kv_bytes\": %lld, \"decode_tokens_per_s\": %s, \"tokens\": %s, \"sessions\": %lld, "
-        "\"prompt_len\": %lld, \"new_tokens\": %lld, \"prefill_seconds\": %.17g, \"decode_seconds\": %.17g, "
-        "\"bytes_per_position\": %lld, \"max_positions\": %lld, \"policy\": \"%s\", \"grow_events\": %lld, "
-        "\"bytes_copied\": %lld}\n",
-        (long long)kv_after_load, (long long)kv_after_prefill, (long long)kv(), (long long)peak, tps_s,
-        tokens_json.c_str(), (long long)a.sessions, (long long)a.prompt_len,
-        (long long)(generated[0].empty() ? 0 : steps + 1), prefill_s, decode_s,
-        (long long)(program->bytes_per_position() * a.sessions), (long long)program->max_positions(),
-        options.policy.spec().c_str(), (long long)grow, (long long)copied);
-  }
-  if (!a.quiet) {
-    std::fprintf(stderr, "prefill %lld x %lld: %.3f s; decode: %.1f tokens/s\n", (long long)a.prompt_len,
-                 (long long)a.sessions, prefill_s, tps);
-    std::fprintf(stderr, "KV bytes: after load %lld, after prefill %lld, end %lld, peak %lld\n",
-                 (long long)kv_after_load, (long long)kv_after_prefill, (long long)kv(), (long long)peak);
-    if (!a.json) {
-      for (size_t k = 0; k < generated.size(); ++k) {
-        std::fprintf(stderr, "session %zu: %s\n", k, token_list(generated[k]).c_str());
-      }
-    }
-  }
+  if (a.json) std::printf("%s\n", lazykv::gen::to_json(result.get()).c_str());
+  if (!a.quiet) summary(result.get());
   return 0;
 }

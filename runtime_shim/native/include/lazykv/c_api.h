@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define LKV_ABI_VERSION 1
+#define LKV_ABI_VERSION 2
 #define LKV_MAX_DIMS 16
 
 typedef struct lkv_program lkv_program;
@@ -53,8 +53,13 @@ int lkv_session_run(lkv_session* session, const char* method, const lkv_tensor* 
                     int32_t* n_outputs);
 /* Output i: shape and dtype into *out (data points into the program's memory). */
 int lkv_session_output(lkv_session* session, int32_t i, lkv_tensor* out);
-/* int64[11]: current, peak, grow, shrink, copied, filled, capacity, max_positions,
- * bytes_per_position, allocations, frees. */
+/* KV bytes as `lazykv inspect` counts them: planned (static caches, held from load on,
+ * shared by the sessions) and every cache at its bound. */
+int lkv_program_kv_figures(const lkv_program* program, int64_t* planned_bytes, int64_t* at_max_context);
+/* A copy of the session's first `positions` filled positions (-1: all) in a new session. */
+int lkv_session_fork(lkv_session* session, int64_t positions, lkv_session** out);
+/* int64[12]: current, peak, grow_events, shrink, copied, filled, capacity, max_positions,
+ * bytes_per_position, allocations, frees, grows. */
 int lkv_session_stats(lkv_session* session, int64_t* out);
 int lkv_session_trim(lkv_session* session, int64_t n, int64_t* freed_positions, int64_t* freed_bytes);
 int lkv_session_reset(lkv_session* session, int64_t* freed_positions, int64_t* freed_bytes);

@@ -100,7 +100,20 @@ struct SessionStats {
   int64_t bytes_per_position = 0;
   int64_t allocations = 0;
   int64_t frees = 0;
+  /// Enlargements of the session's storage (all buffers at once count once; the
+  /// allocation of preallocate's bound counts one); `grow_events` counts per buffer.
+  int64_t grows = 0;
   int64_t ideal_bytes() const { return positions_filled * bytes_per_position; }
+};
+
+/// KV cache bytes of a program, as `lazykv inspect` reports them (Python's
+/// `runtime_shim.generate.KVFigures`).
+struct KvFigures {
+  /// Static (planned) KV caches: held in the planned arena from load on, once for the
+  /// program and shared by its sessions (0 for a fully lazy program).
+  int64_t planned_bytes = 0;
+  /// Every KV cache at its upper bound: what a static export holds.
+  int64_t at_max_context = 0;
 };
 
 /// What trim/reset gave back.
@@ -157,6 +170,8 @@ class Program : public std::enable_shared_from_this<Program> {
 
   /// Bytes of the rebound program flatbuffer held in memory (the only copy made).
   int64_t patched_region_bytes() const;
+  /// The program's KV bytes, planned and at max context (computed at load).
+  const KvFigures& kv_figures() const;
 
  private:
   friend class Session;
@@ -194,6 +209,15 @@ class Session {
   /// Write the filled prefix of every lazy buffer (Python's session-file format: a file
   /// saved here restores in Python and the reverse). Returns the bytes written.
   Result<int64_t> save(const std::string& path, const std::map<std::string, std::string>& metadata = {});
+  /// A new session holding a copy of this one's first `positions` filled positions
+  /// (-1: all of them), independent from then on (Python's `Session.fork`). Its storage
+  /// is what the policy holds for `positions` (clamped to the bound and `max_bytes`);
+  /// only the filled prefix is copied, counted in the new session's `bytes_copied`. Any
+  /// method can continue it at position `positions`. InvalidInput for `positions`
+  /// outside 0..offset(), MemoryBudgetExceeded, AllocationFailed, SessionClosed,
+  /// InvalidProgram for a program without lazy KV buffers. This session is unchanged
+  /// whatever happens, and a failed fork leaves nothing allocated.
+  Result<std::unique_ptr<Session>> fork(int64_t positions = -1);
   /// The filled prefix of buffer `fqn` as raw bytes (for tests and tools).
   Result<std::vector<uint8_t>> buffer_prefix(const std::string& fqn) const;
 

@@ -34,7 +34,9 @@ struct Policy {
   static Result<Policy> parse(const std::string& text);
 };
 
-/// "64MiB", "64M", "67108864" -> bytes (binary units), as `policy.parse_bytes`.
+/// A size as `lazykv.units.parse_size` reads it: bytes ("67108864", "8,388,608"), IEC
+/// units, powers of 1024 ("64MiB"), SI units, powers of 1000 ("64MB", "1.5GB"); "64M" is
+/// ambiguous and refused, like a negative or fractional number of bytes (PolicyError).
 Result<int64_t> parse_bytes(const std::string& text);
 
 }  // namespace lazykv
