@@ -48,8 +48,9 @@ def main(argv=None) -> int:
                     help="lower with ExecuTorch's LLMEdgeManager steps (strict export)")
     ap.add_argument("--no-xnnpack", action="store_true")
     ap.add_argument("--no-sdpa-with-kv-cache", action="store_true",
-                    help="ExecuTorch's default attention, which reads the whole cache: lazykv "
-                         "refuses to make it lazy (exit code 1, the reason on stderr)")
+                    help="ExecuTorch's default attention (the cache written by index_put at "
+                         "computed positions and read whole): lazykv refuses to make it lazy "
+                         "(exit code 1, the reason on stderr)")
     args = ap.parse_args(argv)
     from lazykv.context_limits import resolve_max_seq_len
     from lazykv.errors import LazyKVError

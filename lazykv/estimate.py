@@ -9,15 +9,14 @@ sum; ``LazyProgram.estimate`` and ``lazykv inspect`` give the same figures.
 
 The runtime's own memory (:data:`RUNTIME_BYTES`) is a constant measured on this
 project's machine (x86-64, ExecuTorch 1.5.1, XNNPACK, 2 threads): resident growth after
-the first calls, less weights, arenas and KV, was 14-24 MiB for the tiny Llama and 17-24
-MiB for stories110m. Nearly all of it is file pages of the shared libraries' code: the
-kernels' pages mapped as they first run, plus whatever neighbouring pages of those files
-the page cache holds (the kernel maps them along with each fault). Right after the
-libraries were installed (every page cached) it came to 23-24 MiB; two hours later, with
-only the pages ever run still cached, to 14-17 MiB. The constant is the latter, a
-process of an app installed long ago; the rest, XNNPACK's workspace, is under 2 MiB.
-So the estimate is good to about -8..+2 MiB whatever the program: 5-20 % of the tiny
-Llama's 34-43 MiB, 1 % of stories110m's 610 MiB.
+the first calls, less weights, arenas and KV. Nearly all of it is file pages of the
+shared libraries' code: the kernels' pages mapped as they first run, plus whatever
+neighbouring pages of those files the page cache holds (the kernel maps them along with
+each fault). Since loading a program stopped importing ExecuTorch's export stack (no
+torchao, no exir passes) it is 8-12 MiB for the tiny Llama (before: 14-24 MiB, most of
+the difference the export stack's own libraries). The constant is 12 MiB; XNNPACK's
+workspace is under 2 MiB of it. So the estimate is good to a few MiB whatever the
+program: about 5-10 % of the tiny Llama's ~33-37 MiB, 1 % of stories110m's ~600 MiB.
 
 Weights are counted once: a program with several methods is loaded with XNNPACK's
 weight cache on (:mod:`lazykv.runtime_shim.weight_cache`), else each method would pack
@@ -33,7 +32,7 @@ from typing import Optional, Union
 from lazykv.errors import ContextOverflow, InvalidInput, MemoryBudgetExceeded
 
 #: The runtime's resident memory beyond weights, arenas and KV (see the module doc).
-RUNTIME_BYTES = 16 << 20
+RUNTIME_BYTES = 12 << 20
 
 
 @dataclasses.dataclass(frozen=True)

@@ -167,8 +167,9 @@ class LazyKVProgramState:
                 same = [u.fqn for u in caches[1:] if u.cause == first.cause]
                 other = [f"{u.fqn} ({u.cause})" for u in caches[1:] if u.cause != first.cause]
                 raise ExportRefused(
-                    "--lazy-kv-cache: no KV cache can be lazy, so the program would not "
-                    "change (export without --lazy-kv-cache for the static one). "
+                    "no KV cache can be lazy, so the program would not "
+                    "change (export it static: plain `to_executorch`; on the command line, without "
+                    "--lazy-kv-cache). "
                     f"Buffer {first.fqn!r} (method {first.methods[0]!r}) {first.reason}. "
                     f"Fix: {first.fix}."
                     + (f" The same holds for {same}." if same else "")

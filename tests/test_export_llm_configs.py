@@ -109,7 +109,7 @@ def test_shim_loads_the_kernels_4bit_embeddings_need(llama_shipped):
                         "--prompt-len", "4", "--new-tokens", "4", "--json"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len(json.loads(r.stdout)["tokens"]) == 4
+    assert len(json.loads(r.stdout)["sessions"][0]["tokens"]) == 4
 
 
 def test_missing_kernels_are_named():

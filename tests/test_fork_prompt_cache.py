@@ -503,7 +503,7 @@ def test_estimate_matches_resident_memory_and_inspect(prog, tiny_pte, cache_dir)
     """A fresh process's RSS growth (load + 1 and 2 sessions of 1024 positions) against
     the estimate: without the shared libraries' code pages, within 10 % of the estimate
     without its runtime constant; those pages within a factor 2 of that constant (they
-    vary with the page cache, 14-24 MiB here: the benchmark's serving case compares the
+    vary with the page cache, 8-12 MiB here: the benchmark's serving case compares the
     totals). inspect reports the same figures."""
     from click.testing import CliRunner
 

@@ -144,7 +144,7 @@ def test_export_example_script_applies_the_same_rule(tmp_path):
 
 
 def test_export_with_passes_refuses_default_attention_cleanly(tmp_path):
-    """--no-sdpa-with-kv-cache: lazykv's refusal (the cache is read in full), exit code 1,
+    """--no-sdpa-with-kv-cache: lazykv's refusal (the cache is not a growing prefix), exit code 1,
     no traceback, and no random checkpoint left in the temporary folder."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -158,6 +158,7 @@ def test_export_with_passes_refuses_default_attention_cleanly(tmp_path):
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "device meta" not in r.stderr
     error = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(error) == 1 and "reads the whole cache" in error[0], r.stderr[-3000:]
+    assert len(error) == 1 and "no KV cache can be lazy" in error[0], r.stderr[-3000:]
+    assert "k_cache" in error[0] and "Fix:" in error[0]
     assert [p for p in os.listdir(tmp) if p.startswith("lazykv_tiny_")] == []
     assert not (tmp_path / "x.pte").exists()
