@@ -21,7 +21,7 @@ import importlib.util
 import os
 import re
 import sys
-from typing import Any, Iterable, Iterator, Optional, Tuple
+from typing import Any, Iterable, Iterator, Tuple
 
 from lazykv.errors import UnsupportedVersion
 
@@ -295,14 +295,3 @@ def registered_operator_names() -> set:
     from executorch.extension.pybindings import portable_lib
 
     return set(portable_lib._get_operator_names())
-
-
-
-def raw_execute(method) -> Optional[Any]:
-    """The pybind call behind ``executorch.runtime.Method.execute``, or None.
-
-    Private (``Method._method``): ``execute`` is one line, ``return
-    self._method(inputs)`` (ExecuTorch 1.5); calling the pybind method directly saves a
-    Python frame per decode step, worth ~3 % of a tiny model's step."""
-    execute = getattr(method, "_method", None)
-    return execute if callable(execute) else None

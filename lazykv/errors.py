@@ -73,6 +73,11 @@ class UnsupportedVersion(LazyKVError):
     reaches into private APIs that change between releases: :mod:`lazykv._et_compat`)."""
 
 
+class NativeRuntimeMissing(LazyKVError):
+    """lazykv's native runtime (``liblazykv_native.so``, through which every program
+    loads) is not built or cannot be loaded; the message names the fix (``make venv``)."""
+
+
 class ExecutionFailed(LazyKVError):
     """The ExecuTorch runtime reported an error while running a method (a kernel check
     failed); the session is left as it was before the call."""
@@ -104,9 +109,19 @@ def runtime_error(exc: BaseException, context: str) -> LazyKVError:
     text = str(exc)
     m = re.search(r"error:? ?0x:?([0-9a-fA-F]+)", text)
     code = int(m.group(1), 16) if m else None
-    name = ET_ERROR_NAMES.get(code, "unknown") if code is not None else None
-    what = f"error 0x{code:02x} ({name})" if code is not None else f"{text[:200]!r}"
-    if "load" in text.lower():
+    return et_failure(code, context, loading="load" in text.lower(), detail=repr(text[:200]))
+
+
+def et_failure(code: "int | None", context: str, *, loading: bool, detail: str = "") -> LazyKVError:
+    """The :class:`LazyKVError` for ExecuTorch's error ``code`` (``runtime/core/error.h``;
+    None: unknown, then ``detail`` says what it reported) while loading (``loading``:
+    :class:`ProgramRejected`) or running (:class:`ExecutionFailed`) what ``context``
+    names (``"model.pte: running method 'forward'"``)."""
+    if code:
+        what = f"error 0x{code:02x} ({ET_ERROR_NAMES.get(code, 'unknown')})"
+    else:
+        what = detail or "no error code"
+    if loading:
         return ProgramRejected(
             f"{context}: the ExecuTorch runtime refused it, {what}. The file is corrupt, "
             f"needs a backend or operator this runtime lacks, or was exported for another "

@@ -263,9 +263,10 @@ class FastCall:
         is not the only element of an integer tensor of static shape.
 
         ``kv``: the session's storage for ``info.lazy_fqns``, in order; ``capacity``: the
-        positions all of it holds now; ``execute``: runs the loaded method on a list of
-        all its inputs and returns its outputs (the caller holds the program's lock
-        around it and turns its errors into lazykv's).
+        positions all of it holds now; ``execute``: runs the loaded method on the user's
+        inputs with ``kv`` bound after them
+        (:meth:`lazykv.runtime_shim.native_engine.RawMethod.bind`) and returns its
+        outputs (the caller holds the program's lock around it).
         """
         rule = info.positions
         if rule is None or not info.lazy_fqns or info.bound is None:

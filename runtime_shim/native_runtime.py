@@ -30,7 +30,10 @@ from lazykv.runtime_shim.policy import GrowthPolicy, parse_policy
 
 #: Built by setup.py next to the native build recipe (runtime_shim/native/build.py).
 LIBRARY = Path(__file__).resolve().parent / "native" / "liblazykv_native.so"
-_ABI_VERSION = 2
+#: Names another build of the library to load instead of :data:`LIBRARY` (a sanitizer
+#: build, a test of what happens when it is missing).
+ENV_LIBRARY = "LAZYKV_NATIVE_LIBRARY"
+_ABI_VERSION = 3
 _MAX_DIMS = 16
 
 # lazykv::ErrorKind (include/lazykv/status.h) -> lazykv.errors class.
@@ -66,33 +69,71 @@ class _Tensor(ctypes.Structure):
     ]
 
 
+class _Value(ctypes.Structure):
+    """``lkv_value`` (c_api.h): one method input or output."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("scalar_type", ctypes.c_int32),
+        ("dim", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+        ("data", ctypes.c_void_p),
+        ("i", ctypes.c_int64),
+        ("d", ctypes.c_double),
+        ("sizes", ctypes.c_int64 * _MAX_DIMS),
+    ]
+
+
 _LIB_LOCK = threading.Lock()
 _LIB: Optional[ctypes.CDLL] = None
+
+
+def library_path() -> Path:
+    """The library :func:`library` loads: ``$LAZYKV_NATIVE_LIBRARY`` if set, else
+    :data:`LIBRARY`."""
+    override = os.environ.get(ENV_LIBRARY, "").strip()
+    return Path(override).expanduser() if override else LIBRARY
 
 
 def library() -> ctypes.CDLL:
     """The loaded C ABI library (ExecuTorch's runtime and custom ops imported first).
 
-    Raises :class:`lazykv.errors.LazyKVError` naming the fix when the install did not
-    build it."""
+    Raises :class:`lazykv.errors.NativeRuntimeMissing` naming the fix when the install
+    did not build it (there is no other way to load a program)."""
     global _LIB
     with _LIB_LOCK:
         if _LIB is not None:
             return _LIB
-        if not LIBRARY.is_file():
-            raise errors.LazyKVError(
-                f"the native runtime {LIBRARY} was not built at install; reinstall with "
-                "LAZYKV_REQUIRE_NATIVE=1 (make venv) to see why (needs cmake and a C++17 compiler)"
+        path = library_path()
+        if not path.is_file():
+            where = f" (${ENV_LIBRARY})" if path != LIBRARY else ""
+            raise errors.NativeRuntimeMissing(
+                f"lazykv's native runtime {path}{where} is missing: lazykv loads every program "
+                "through it. Build it with `make venv` in a clone of lazykv, or reinstall with "
+                "`LAZYKV_REQUIRE_NATIVE=1 pip install --no-build-isolation .` to see why it "
+                "was not built (it needs cmake and a C++17 compiler)"
             )
         from lazykv.runtime_shim.program import _runtime
 
         _runtime()  # libexecutorch.so, kernels, delegates and custom ops in the process first
-        lib = ctypes.CDLL(str(LIBRARY))
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise errors.NativeRuntimeMissing(
+                f"lazykv's native runtime {path} cannot be loaded ({e}); rebuild it with "
+                "`make venv` (or reinstall lazykv against the installed executorch)"
+            ) from None
         c = ctypes
         P, S = c.c_void_p, c.c_char_p
         sigs = {
             "lkv_abi_version": (c.c_int, []),
             "lkv_last_error": (c.c_char_p, []),
+            "lkv_last_et_error": (c.c_int, []),
+            "lkv_raw_program_load": (c.c_int, [S, P, c.c_int64, S, c.POINTER(P)]),
+            "lkv_raw_program_free": (None, [P]),
+            "lkv_raw_method_load": (c.c_int, [P, S, c.POINTER(P), c.POINTER(c.c_int32)]),
+            "lkv_raw_execute": (c.c_int, [P, c.POINTER(_Value), c.c_int32, c.POINTER(_Value), c.c_int32,
+                                          c.POINTER(c.c_int32)]),
             "lkv_program_load": (c.c_int, [S, S, c.c_int64, c.c_int, c.POINTER(P)]),
             "lkv_program_free": (None, [P]),
             "lkv_program_manifest": (c.c_char_p, [P]),
@@ -115,9 +156,9 @@ def library() -> ctypes.CDLL:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
         if lib.lkv_abi_version() != _ABI_VERSION:
-            raise errors.LazyKVError(
-                f"{LIBRARY} has C ABI version {lib.lkv_abi_version()}, this lazykv needs "
-                f"{_ABI_VERSION}; reinstall lazykv"
+            raise errors.NativeRuntimeMissing(
+                f"{path} has C ABI version {lib.lkv_abi_version()}, this lazykv needs "
+                f"{_ABI_VERSION}; rebuild it with `make venv` (or reinstall lazykv)"
             )
         _LIB = lib
         return lib

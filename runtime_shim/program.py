@@ -1,9 +1,10 @@
 """``load()``: a ``.pte`` on the stock runtime, its lazy KV buffers rebound as inputs.
 
 The load is two steps: :func:`lazykv.runtime_shim.loader.load_prepared` (prepare and
-verify the program, write or find its rebound copy; cached by the source's sha256), then
-this module's :class:`LazyProgram`, a thin object over ``executorch.runtime``'s
-``Program`` that makes sessions.
+verify the program in Python; its metadata cached by the source's sha256), then this
+module's :class:`LazyProgram`, a thin object over the C++ runtime engine
+(:mod:`lazykv.runtime_shim.native_engine`: the original file read and rebound in
+memory, methods run on inputs Python owns) that makes sessions.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from lazykv.errors import InvalidInput, LazyKVError, UnknownMethod, runtime_error
+from lazykv.errors import InvalidInput, ProgramRejected, UnknownMethod
 from lazykv.units import parse_size
 from lazykv.manifest import LazyBuffer, Manifest
 from lazykv.runtime_shim.allocator import DynamicAllocator, TorchAllocator
@@ -25,6 +27,7 @@ from lazykv.runtime_shim.loader import load_prepared
 from lazykv.runtime_shim.policy import GrowthPolicy, parse_policy
 from lazykv.runtime_shim.prepared import PreparedProgram
 from lazykv import disk_cache
+from lazykv.runtime_shim.native_engine import RawProgram
 from lazykv.verify import MethodLimits
 
 logger = logging.getLogger(__name__)
@@ -34,8 +37,10 @@ _RUNTIME = None
 
 
 def _runtime():
-    """The ExecuTorch runtime with the kernel libraries of the installed ExecuTorch
-    registered (LLM custom ops, quantized kernels: DESIGN facts 3 and 12)."""
+    """ExecuTorch's Python runtime with the kernel libraries of the installed ExecuTorch
+    registered (LLM custom ops, quantized kernels: DESIGN facts 3 and 12). The C++
+    engine runs inside it: importing it loads ``libexecutorch.so`` and registers the
+    kernels and delegates the engine finds."""
     global _RUNTIME
     with _RUNTIME_LOCK:
         if _RUNTIME is None:
@@ -70,26 +75,27 @@ class LazyProgram:
         # Bytes, or a size string ("64MiB", "64MB"): lazykv.units, like every size.
         self.max_bytes: Optional[int] = None if max_bytes is None else parse_size(max_bytes, "max_bytes")
         self.allocator: DynamicAllocator = allocator or TorchAllocator()
-        # The one cache folder, bounded (lazykv.disk_cache); a temporary one when it is off.
-        cache = disk_cache.LoadCache(cache_dir)
+        # lazykv's cache folder keeps the verified metadata (a few KB); nothing when off.
+        if cache_dir is None and disk_cache.enabled():
+            cache_dir = disk_cache.cache_dir()
         self.source = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
-        loaded = load_prepared(source, cache.dir)
+        loaded = load_prepared(source, None if cache_dir is None else Path(cache_dir))
         prepared: PreparedProgram = loaded.prepared
         self.prepared = prepared
         self.digest: str = loaded.digest
-        self.cache_hit: Optional[bool] = loaded.cache_hit
-        self.runtime_path: str = loaded.runtime_path
+        #: The verified metadata came from the disk cache (nothing parsed or verified).
+        self.cache_hit: bool = loaded.cache_hit
+        #: The file the runtime reads (the source itself; None for a program given as bytes).
+        self.runtime_path: Optional[str] = loaded.source if isinstance(loaded.source, str) else None
+        self._data_source = loaded.source
         self.manifest: Optional[Manifest] = prepared.manifest
         self.method_names: List[str] = list(prepared.method_names)
         self.limits: Dict[str, MethodLimits] = dict(prepared.limits)
         self.lazy: bool = prepared.lazy
         self.buffers: Tuple[LazyBuffer, ...] = self.manifest.lazy_buffers if self.lazy else ()
         self._dtypes: Dict[str, torch.dtype] = {b.fqn: getattr(torch, b.dtype) for b in self.buffers}
-        try:
-            self._et_program = _runtime().load_program(self.runtime_path)
-        except RuntimeError as e:
-            raise runtime_error(e, f"{self.source}: loading the program") from None
-        cache.done(self.digest)  # mark used, evict over the cap (the runtime holds the file)
+        # Verified above: only now do the bytes reach C++ (read and rebound in memory).
+        self._engine = RawProgram(loaded.source, self.source)
         if self.lazy and self.max_bytes is not None and self.max_bytes < self.bytes_per_position:
             raise InvalidInput(
                 f"max_bytes={self.max_bytes:,} cannot hold one position of KV storage "
@@ -155,28 +161,30 @@ class LazyProgram:
                 m = self._loaded.get(name)
                 if m is None:
                     try:
-                        m = self._et_program.load_method(name)
-                    except RuntimeError as e:
+                        m = self._engine.method(name)
+                    except ProgramRejected as e:
                         from lazykv.runtime_shim.kernels import missing_kernels_error
 
                         context = f"{self.source}: loading method {name!r}"
-                        raise (missing_kernels_error(self.runtime_path, context)
-                               or runtime_error(e, context)) from None
+                        raise (missing_kernels_error(self._data_source, context) or e) from None
+                    info = self.method_info(name)
+                    if m.n_inputs != len(info.inputs) + len(info.lazy_fqns):
+                        # Sessions pass exactly these; another count would misplace KV tensors.
+                        raise ProgramRejected(
+                            f"{self.source}: method {name!r} takes {m.n_inputs} inputs after "
+                            f"rebinding, but its verified description has {len(info.inputs)} "
+                            f"inputs and {len(info.lazy_fqns)} lazy buffers; the file changed "
+                            f"while loading, or `lazykv cache clear` and load it again"
+                        )
                     self._loaded[name] = m
         return m
 
     def _execute(self, name: str, inputs: list) -> list:
-        """Run method ``name`` on the runtime's inputs, under the program's lock."""
+        """Run method ``name`` on all its inputs (the user's, then the KV storage), under
+        the program's lock; :class:`ExecutionFailed` if the runtime reports an error."""
         m = self._method(name)
         with self._lock:
-            try:
-                return list(m.execute(inputs))
-            except RuntimeError as e:
-                raise self._execution_error(e, name) from None
-
-    def _execution_error(self, e: RuntimeError, name: str) -> LazyKVError:
-        """The lazykv error for the runtime's failure ``e`` while running method ``name``."""
-        return runtime_error(e, f"{self.source}: running method {name!r}")
+            return m.execute(inputs)
 
     def constant(self, method: str) -> Any:
         """Run a method that takes no inputs (e.g. ``get_vocab_size``) and return its value."""
@@ -195,8 +203,7 @@ class LazyProgram:
         if fp is None:
             from lazykv.estimate import footprint_of
 
-            src = self.source if os.path.isfile(self.source) else self.runtime_path
-            fp = self._footprint = footprint_of(src)
+            fp = self._footprint = footprint_of(self._data_source)
         return fp
 
     def estimate(self, positions: int, sessions: int = 1) -> int:
@@ -247,9 +254,15 @@ def load(
     ``hybrid``, ``preallocate``). ``max_bytes``: cap on each session's KV storage, in
     bytes or as a size string (``"64MiB"``, ``"64MB"``: :func:`lazykv.units.parse_size`);
     below one position's bytes it is refused (:class:`InvalidInput`).
-    A lazy program's rebound copy is written once to ``cache_dir`` (default: lazykv's
-    cache folder, :mod:`lazykv.disk_cache`: ``$LAZYKV_CACHE_DIR`` or ``~/.cache/lazykv``,
-    bounded by ``$LAZYKV_CACHE_MAX_BYTES``), keyed by the source's sha256.
+    The program is verified in Python first, then read by lazykv's C++ runtime from the
+    original file (or from ``path_or_bytes`` itself: a ``bytes`` object is kept, not
+    copied), its lazy buffers rebound in memory: loading writes no copy of the program.
+    Only the verified metadata (a few KB of JSON, keyed by the source's sha256) goes to
+    ``cache_dir`` (default: lazykv's cache folder, :mod:`lazykv.disk_cache`:
+    ``$LAZYKV_CACHE_DIR`` or ``~/.cache/lazykv``; nothing when
+    ``$LAZYKV_CACHE_MAX_BYTES=0``), so the next load of the same file verifies nothing.
+    Raises :class:`~lazykv.errors.NativeRuntimeMissing` (the fix: ``make venv``) when
+    lazykv's native runtime was not built.
     ``weight_cache``: XNNPACK's weight cache (:mod:`lazykv.runtime_shim.weight_cache`)
     while this program's methods load. None (default): on for programs with several
     methods (their weights are then resident once), untouched for one method. True/False

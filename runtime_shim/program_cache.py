@@ -1,14 +1,16 @@
 """The shim's entries in lazykv's disk cache folder (:func:`lazykv.disk_cache.cache_dir`),
-keyed by the sha256 of a source ``.pte``.
+keyed by the sha256 of a source ``.pte``: metadata only.
 
 Per source program it holds the :class:`lazykv.runtime_shim.prepared.PreparedProgram`
-(``<sha256>.prepared.json``, a few KB) and, for a lazy program, the rebound copy the
-runtime loads (``<sha256>.v1.bound.pte``: :mod:`lazykv.runtime_shim.rebound_file`). A
-source's sha256 is memoized by (size, mtime, inode), in memory and under ``hashes/``,
-so a cached load reads neither the weights nor the flatbuffer.
+(``<sha256>.prepared.json``, a few KB): what verifying the program found, so a second
+load verifies nothing. A source's sha256 is memoized by (size, mtime, inode), in memory
+and under ``hashes/`` (a line per file), so a cached load reads neither the weights nor
+the flatbuffer in Python. No copy of a program is ever written: the C++ loader reads
+the original file and rebinds in memory.
 
 Every entry is written to a temporary name and renamed into place; a cache that cannot
-be written (read-only) costs speed, never correctness.
+be written (read-only) costs speed, never correctness. ``cache_dir`` None (the cache is
+off) keeps the memo in memory only.
 """
 
 from __future__ import annotations
@@ -25,11 +27,6 @@ from lazykv.runtime_shim.prepared import PreparedProgram
 
 logger = logging.getLogger(__name__)
 
-#: Version of the rebound file's bytes (:mod:`lazykv.format.rebind`); bump when the
-#: rewrite changes, so stale copies are never reused.
-REBIND_VERSION = 1
-
-
 #: abspath -> ((size, mtime_ns, inode), sha256) of sources hashed in this process.
 _HASH_MEMO: Dict[str, Tuple[tuple, str]] = {}
 
@@ -43,12 +40,14 @@ def _memo_file(cache_dir: Path, path: str) -> Path:
     return Path(cache_dir) / "hashes" / hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:32]
 
 
-def memoized_key(path: str, cache_dir: Path) -> Optional[str]:
+def memoized_key(path: str, cache_dir: Optional[Path]) -> Optional[str]:
     """The memoized sha256 of ``path`` if its (size, mtime, inode) are unchanged, else None."""
     stamp = _stamp(path)
     memo = _HASH_MEMO.get(os.path.abspath(path))
     if memo and memo[0] == stamp:
         return memo[1]
+    if cache_dir is None:
+        return None
     try:
         parts = _memo_file(cache_dir, path).read_text().split()
         if len(parts) == 4 and tuple(int(x) for x in parts[:3]) == stamp:
@@ -59,7 +58,7 @@ def memoized_key(path: str, cache_dir: Path) -> Optional[str]:
     return None
 
 
-def source_key(path: Optional[str], data, cache_dir: Path) -> str:
+def source_key(path: Optional[str], data, cache_dir: Optional[Path]) -> str:
     """sha256 of the source ``.pte``'s bytes (``path``, or ``data`` when path is None),
     memoized by (size, mtime, inode) in memory and in ``cache_dir/hashes``."""
     if path is None:
@@ -81,19 +80,9 @@ def source_key(path: Optional[str], data, cache_dir: Path) -> str:
             h.update(view[:n])
     digest = h.hexdigest()
     _HASH_MEMO[os.path.abspath(path)] = (stamp, digest)
-    _write_atomic(_memo_file(cache_dir, path), " ".join(str(x) for x in stamp) + " " + digest)
+    if cache_dir is not None:
+        _write_atomic(_memo_file(cache_dir, path), " ".join(str(x) for x in stamp) + " " + digest)
     return digest
-
-
-def rebound_path(cache_dir: Path, digest: str) -> Path:
-    """Where the rebound copy of the program with sha256 ``digest`` is cached."""
-    return Path(cache_dir) / f"{digest}.v{REBIND_VERSION}.bound.pte"
-
-
-def bytes_copy_path(cache_dir: Path, digest: str) -> Path:
-    """Where a program given as bytes is written (the runtime loads files, not bytes:
-    from bytes it keeps an anonymous copy of every weight, DESIGN fact 11)."""
-    return Path(cache_dir) / f"{digest}.pte"
 
 
 def _prepared_path(cache_dir: Path, digest: str) -> Path:
@@ -101,16 +90,12 @@ def _prepared_path(cache_dir: Path, digest: str) -> Path:
 
 
 def read_prepared(cache_dir: Path, digest: str, source: str) -> Optional[PreparedProgram]:
-    """The stored :class:`PreparedProgram` of ``digest``, or None (then prepare again).
-    For a lazy program it counts only if its rebound file is there too."""
+    """The stored :class:`PreparedProgram` of ``digest``, or None (then prepare again)."""
     try:
         text = _prepared_path(cache_dir, digest).read_text()
     except OSError:
         return None
-    prepared = PreparedProgram.from_json(text, source)
-    if prepared is not None and prepared.lazy and not rebound_path(cache_dir, digest).exists():
-        return None
-    return prepared
+    return PreparedProgram.from_json(text, source)
 
 
 def write_prepared(cache_dir: Path, digest: str, prepared: PreparedProgram) -> None:

@@ -24,7 +24,6 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from lazykv import _et_compat
 from lazykv.errors import (
     AllocationFailed,
     InvalidInput,
@@ -209,13 +208,10 @@ class Session:
                 need = fast.positions_after(inputs, self._filled)
                 if need:
                     # program._execute inlined: each Python frame before the runtime's
-                    # execute shows in a small model's decode step (inputs.py).
-                    prog = self.program
-                    try:
-                        with prog._lock:
-                            out = fast.execute([*inputs, *fast.kv])
-                    except RuntimeError as e:
-                        raise prog._execution_error(e, method) from None
+                    # execute shows in a small model's decode step (inputs.py). The KV
+                    # storage is bound to fast.execute (and stays bound in C++).
+                    with self.program._lock:
+                        out = fast.execute(inputs)
                     self._filled = need
                     return out
                 # Drop it before the full path: a grow there must free the old storage
@@ -234,9 +230,7 @@ class Session:
         kv = [self._kv[fqn] for fqn in info.lazy_fqns]
         if any(t is None for t in kv):
             return None
-        m = prog._method(method)
-        execute = _et_compat.raw_execute(m) or m.execute
-        return FastCall.build(info, kv, self._capacity, execute)
+        return FastCall.build(info, kv, self._capacity, prog._method(method).bind(kv))
 
     def _run(self, method: str, inputs: Sequence) -> List[torch.Tensor]:
         self._check_open()

@@ -1,12 +1,17 @@
 // The C ABI of include/lazykv/c_api.h over lazykv::Program / lazykv::Session.
 #include <lazykv/c_api.h>
 
+#include <cstdio>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <new>
 #include <string>
 #include <vector>
 
 #include <executorch/runtime/core/portable_type/tensor_impl.h>
+#include <executorch/runtime/executor/method.h>
+#include <executorch/runtime/executor/method_meta.h>
 
 #include <lazykv/lazykv.h>
 
@@ -27,12 +32,35 @@ struct lkv_session {
   std::vector<executorch::runtime::EValue> inputs;
 };
 
+struct lkv_raw_method {
+  executorch::runtime::Method* method = nullptr;
+  /// Per input: not memory-planned, so set_input aliases the caller's data.
+  std::vector<char> aliased;
+  /// Per aliased input: what it points at now (set again only when this changes).
+  struct Bound {
+    bool valid = false;
+    void* data = nullptr;
+    int32_t scalar_type = -1;
+    int32_t dim = -1;
+    int64_t sizes[LKV_MAX_DIMS] = {0};
+  };
+  std::vector<Bound> bound;
+};
+
+struct lkv_raw_program {
+  std::shared_ptr<lazykv::Program> program;
+  std::mutex mutex;  // guards `methods`
+  std::map<std::string, std::unique_ptr<lkv_raw_method>> methods;
+};
+
 namespace {
 
 thread_local std::string g_error;
+thread_local int g_et_error = 0;
 
 int fail(const lazykv::Status& s) {
   g_error = s.to_string();
+  g_et_error = s.et_error();
   return static_cast<int>(s.kind());
 }
 
@@ -47,6 +75,8 @@ extern "C" {
 LKV_EXPORT int lkv_abi_version(void) { return LKV_ABI_VERSION; }
 
 LKV_EXPORT const char* lkv_last_error(void) { return g_error.c_str(); }
+
+LKV_EXPORT int lkv_last_et_error(void) { return g_et_error; }
 
 LKV_EXPORT int lkv_program_load(const char* path, const char* policy, int64_t max_bytes, int weight_cache,
                                 lkv_program** out) {
@@ -218,6 +248,166 @@ LKV_EXPORT int lkv_session_save(lkv_session* session, const char* path, int64_t*
   auto w = session->session->save(path);
   if (!w.ok()) return fail(w.status());
   if (written) *written = w.get();
+  return 0;
+}
+
+// -- raw programs ----------------------------------------------------------------------------
+
+LKV_EXPORT int lkv_raw_program_load(const char* path, const void* data, int64_t size, const char* name,
+                                    lkv_raw_program** out) {
+  if (out == nullptr || (path == nullptr && (size < 0 || (data == nullptr && size != 0)))) {
+    return fail(lazykv::ErrorKind::InvalidInput, "bad arguments to lkv_raw_program_load");
+  }
+  *out = nullptr;
+  lazykv::LoadOptions options;
+  options.defer_methods = true;
+  options.resident = true;  // what ExecuTorch's Python runtime holds (lazykv.estimate counts it)
+  const std::string label = name ? name : (path ? path : "<bytes>");
+  auto loaded = path ? lazykv::Program::load(path, options)
+                     : lazykv::Program::load_bytes(data, static_cast<size_t>(size), label, options);
+  if (!loaded.ok()) return fail(loaded.status());
+  lkv_raw_program* handle = new (std::nothrow) lkv_raw_program();
+  if (handle == nullptr) return fail(lazykv::ErrorKind::AllocationFailed, "out of memory");
+  handle->program = loaded.get();
+  *out = handle;
+  return 0;
+}
+
+LKV_EXPORT void lkv_raw_program_free(lkv_raw_program* program) { delete program; }
+
+LKV_EXPORT int lkv_raw_method_load(lkv_raw_program* program, const char* name, lkv_raw_method** out, int32_t* n_inputs) {
+  if (program == nullptr || name == nullptr || out == nullptr) {
+    return fail(lazykv::ErrorKind::InvalidInput, "null argument");
+  }
+  *out = nullptr;
+  try {
+    std::lock_guard<std::mutex> lock(program->mutex);
+    auto it = program->methods.find(name);
+    if (it == program->methods.end()) {
+      auto m = program->program->raw_method(name);
+      if (!m.ok()) return fail(m.status());
+      std::unique_ptr<lkv_raw_method> rm(new lkv_raw_method());
+      rm->method = m.get();
+      const size_t n = rm->method->inputs_size();
+      rm->aliased.assign(n, 0);
+      rm->bound.assign(n, lkv_raw_method::Bound());
+      const executorch::runtime::MethodMeta meta = rm->method->method_meta();
+      for (size_t i = 0; i < n; ++i) {
+        auto tag = meta.input_tag(i);
+        if (!tag.ok() || tag.get() != executorch::runtime::Tag::Tensor) continue;
+        auto info = meta.input_tensor_meta(i);
+        rm->aliased[i] = info.ok() && !info->is_memory_planned();
+      }
+      it = program->methods.emplace(name, std::move(rm)).first;
+    }
+    *out = it->second.get();
+    if (n_inputs != nullptr) *n_inputs = static_cast<int32_t>(it->second->method->inputs_size());
+    return 0;
+  } catch (const std::bad_alloc&) {
+    return fail(lazykv::ErrorKind::AllocationFailed, "out of memory loading a method");
+  }
+}
+
+LKV_EXPORT int lkv_raw_execute(lkv_raw_method* method, const lkv_value* inputs, int32_t n, lkv_value* outputs,
+                               int32_t max_outputs, int32_t* n_outputs) {
+  using executorch::runtime::EValue;
+  using executorch::runtime::Error;
+  if (method == nullptr || n < 0 || (n > 0 && inputs == nullptr) || max_outputs < 0 ||
+      (max_outputs > 0 && outputs == nullptr)) {
+    return fail(lazykv::ErrorKind::InvalidInput, "bad arguments to lkv_raw_execute");
+  }
+  executorch::runtime::Method& m = *method->method;
+  if (static_cast<size_t>(n) != m.inputs_size()) {
+    return fail(lazykv::ErrorKind::InvalidInput, "the method takes " + std::to_string(m.inputs_size()) +
+                                                     " inputs, got " + std::to_string(n));
+  }
+  for (int32_t i = 0; i < n; ++i) {
+    const lkv_value& v = inputs[i];
+    lkv_raw_method::Bound& b = method->bound[static_cast<size_t>(i)];
+    Error err = Error::Ok;
+    if (v.kind == LKV_VALUE_TENSOR) {
+      if (v.dim < 0 || v.dim > LKV_MAX_DIMS) return fail(lazykv::ErrorKind::InvalidInput, "a tensor with a bad dim");
+      const bool aliased = method->aliased[static_cast<size_t>(i)] != 0;
+      if (aliased && b.valid && b.data == v.data && b.scalar_type == v.scalar_type && b.dim == v.dim &&
+          std::memcmp(b.sizes, v.sizes, sizeof(int64_t) * static_cast<size_t>(v.dim)) == 0) {
+        continue;  // still bound to this storage (DESIGN fact 14: unplanned inputs alias)
+      }
+      executorch::aten::SizesType sizes[LKV_MAX_DIMS];
+      executorch::aten::DimOrderType order[LKV_MAX_DIMS];
+      executorch::aten::StridesType strides[LKV_MAX_DIMS];
+      int64_t stride = 1;
+      for (int d = v.dim - 1; d >= 0; --d) {
+        sizes[d] = static_cast<executorch::aten::SizesType>(v.sizes[d]);
+        order[d] = static_cast<executorch::aten::DimOrderType>(d);
+        strides[d] = static_cast<executorch::aten::StridesType>(stride);
+        stride *= v.sizes[d];
+      }
+      executorch::runtime::etensor::TensorImpl impl(static_cast<executorch::aten::ScalarType>(v.scalar_type), v.dim,
+                                                    sizes, v.data, order, strides,
+                                                    executorch::runtime::TensorShapeDynamism::DYNAMIC_BOUND);
+      err = m.set_input(EValue(executorch::aten::Tensor(&impl)), static_cast<size_t>(i));
+      b.valid = aliased && err == Error::Ok;
+      if (b.valid) {
+        b.data = v.data;
+        b.scalar_type = v.scalar_type;
+        b.dim = v.dim;
+        std::memcpy(b.sizes, v.sizes, sizeof(int64_t) * static_cast<size_t>(v.dim));
+      }
+    } else if (v.kind == LKV_VALUE_INT) {
+      err = m.set_input(EValue(v.i), static_cast<size_t>(i));
+    } else if (v.kind == LKV_VALUE_DOUBLE) {
+      err = m.set_input(EValue(v.d), static_cast<size_t>(i));
+    } else if (v.kind == LKV_VALUE_BOOL) {
+      err = m.set_input(EValue(v.i != 0), static_cast<size_t>(i));
+    } else if (v.kind == LKV_VALUE_NONE) {
+      err = m.set_input(EValue(), static_cast<size_t>(i));
+    } else {
+      return fail(lazykv::ErrorKind::InvalidInput, "input " + std::to_string(i) + " has an unknown kind");
+    }
+    if (err != Error::Ok) {
+      b.valid = false;
+      char code[8];
+      std::snprintf(code, sizeof(code), "%02x", static_cast<int>(err));
+      return fail(lazykv::Status(lazykv::ErrorKind::InvalidInput,
+                                 "ExecuTorch refused input " + std::to_string(i) + ", error 0x" + code,
+                                 static_cast<int>(err)));
+    }
+  }
+  const Error err = m.execute();
+  if (err != Error::Ok) {
+    char code[8];
+    std::snprintf(code, sizeof(code), "%02x", static_cast<int>(err));
+    return fail(lazykv::Status(lazykv::ErrorKind::ExecutionFailed,
+                               std::string("the ExecuTorch runtime failed while running it, error 0x") + code,
+                               static_cast<int>(err)));
+  }
+  const size_t count = m.outputs_size();
+  if (n_outputs != nullptr) *n_outputs = static_cast<int32_t>(count);
+  for (size_t i = 0; i < count && i < static_cast<size_t>(max_outputs); ++i) {
+    const EValue& o = m.get_output(i);
+    lkv_value& d = outputs[i];
+    d.kind = LKV_VALUE_NONE;
+    d.data = nullptr;
+    d.dim = 0;
+    if (o.isTensor()) {
+      const auto& t = o.toTensor();
+      if (t.dim() > LKV_MAX_DIMS) return fail(lazykv::ErrorKind::ExecutionFailed, "an output has too many dims");
+      d.kind = LKV_VALUE_TENSOR;
+      d.data = t.mutable_data_ptr();
+      d.scalar_type = static_cast<int32_t>(t.scalar_type());
+      d.dim = static_cast<int32_t>(t.dim());
+      for (ssize_t k = 0; k < t.dim(); ++k) d.sizes[k] = t.size(k);
+    } else if (o.isInt()) {
+      d.kind = LKV_VALUE_INT;
+      d.i = o.toInt();
+    } else if (o.isDouble()) {
+      d.kind = LKV_VALUE_DOUBLE;
+      d.d = o.toDouble();
+    } else if (o.isBool()) {
+      d.kind = LKV_VALUE_BOOL;
+      d.i = o.toBool() ? 1 : 0;
+    }
+  }
   return 0;
 }
 

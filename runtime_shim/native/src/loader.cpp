@@ -35,6 +35,16 @@ void free_copy(void* context, void*, size_t) {
 RebindingLoader::RebindingLoader(int fd, uint64_t file_size, std::vector<uint8_t> region, uint64_t old_base,
                                  uint64_t new_base)
     : fd_(fd), file_size_(file_size), old_base_(old_base), new_base_(new_base) {
+  set_region(std::move(region));
+}
+
+RebindingLoader::RebindingLoader(const uint8_t* memory, uint64_t file_size, std::vector<uint8_t> region,
+                                 uint64_t old_base, uint64_t new_base)
+    : memory_(memory), file_size_(file_size), old_base_(old_base), new_base_(new_base) {
+  set_region(std::move(region));
+}
+
+void RebindingLoader::set_region(std::vector<uint8_t> region) {
   const long page = ::sysconf(_SC_PAGESIZE);
   page_size_ = page > 0 ? static_cast<size_t>(page) : 4096;
   if (!region.empty()) {
@@ -61,6 +71,11 @@ Result<size_t> RebindingLoader::size() const {
 }
 
 Error RebindingLoader::read_file(uint64_t file_offset, size_t size, void* out) const {
+  if (memory_ != nullptr) {
+    if (file_offset > file_size_ || size > file_size_ - file_offset) return Error::AccessFailed;
+    std::memcpy(out, memory_ + file_offset, size);
+    return Error::Ok;
+  }
   uint8_t* dst = static_cast<uint8_t*>(out);
   while (size > 0) {
     const ssize_t n = ::pread(fd_, dst, size, static_cast<off_t>(file_offset));
@@ -73,7 +88,7 @@ Error RebindingLoader::read_file(uint64_t file_offset, size_t size, void* out) c
   return Error::Ok;
 }
 
-Result<FreeableBuffer> RebindingLoader::load(size_t offset, size_t size, const SegmentInfo&) const {
+Result<FreeableBuffer> RebindingLoader::load(size_t offset, size_t size, const SegmentInfo& segment_info) const {
   const size_t total = static_cast<size_t>(file_size_ - old_base_ + new_base_);
   if (offset > total || size > total - offset) {
     return Error::InvalidArgument;
@@ -86,9 +101,14 @@ Result<FreeableBuffer> RebindingLoader::load(size_t offset, size_t size, const S
   }
   if (offset >= new_base_) {
     const uint64_t file_offset = offset - new_base_ + old_base_;
+    if (memory_ != nullptr) {  // the caller's buffer: point into it (it outlives the program)
+      return FreeableBuffer(memory_ + file_offset, size, nullptr);
+    }
     const uint64_t start = file_offset / page_size_ * page_size_;
     const size_t span = static_cast<size_t>(file_offset - start) + size;
-    void* base = ::mmap(nullptr, span, PROT_READ, MAP_PRIVATE, fd_, static_cast<off_t>(start));
+    const bool populate = populate_constants_ && segment_info.segment_type == SegmentInfo::Type::Constant;
+    void* base = ::mmap(nullptr, span, PROT_READ, MAP_PRIVATE | (populate ? MAP_POPULATE : 0), fd_,
+                        static_cast<off_t>(start));
     if (base == MAP_FAILED) {
       return Error::AccessFailed;
     }

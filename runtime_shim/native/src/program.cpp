@@ -1,10 +1,12 @@
 // lazykv::Program: load a `.pte`, rebind its lazy KV buffers in memory, load methods.
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <new>
 
 #include <executorch/runtime/backend/backend_options_map.h>
@@ -25,25 +27,42 @@ namespace detail {
 void* HeapAllocator::allocate(size_t size, size_t alignment) {
   if (alignment == 0 || (alignment & (alignment - 1)) != 0) return nullptr;
   if (size > SIZE_MAX - alignment) return nullptr;
-  void* block = std::malloc(size + alignment);
-  if (block == nullptr) return nullptr;
+  const size_t total = size + alignment;
+  Block block{nullptr, total >= kMapBytes ? total : 0};
+  if (block.mapped) {
+    // Large blocks (a kernel's scratch) straight from the kernel and back on reset: through
+    // malloc they would raise glibc's mmap threshold and stay in the heap after reset.
+    void* p = ::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    block.base = p == MAP_FAILED ? nullptr : p;
+  } else {
+    block.base = std::malloc(total);
+  }
+  if (block.base == nullptr) return nullptr;
   try {
     blocks_.push_back(block);
   } catch (...) {
-    std::free(block);
+    release(block);
     return nullptr;
   }
-  const uintptr_t p = reinterpret_cast<uintptr_t>(block);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(block.base);
   return reinterpret_cast<void*>((p + alignment - 1) & ~(uintptr_t(alignment) - 1));
 }
 
+void HeapAllocator::release(const Block& b) {
+  if (b.mapped) {
+    ::munmap(b.base, b.mapped);
+  } else {
+    std::free(b.base);
+  }
+}
+
 void HeapAllocator::reset() {
-  for (void* b : blocks_) std::free(b);
+  for (const Block& b : blocks_) release(b);
   blocks_.clear();
 }
 
 PlannedMemory::~PlannedMemory() {
-  for (void* b : blocks) std::free(b);
+  for (size_t i = 0; i < blocks.size(); ++i) ::munmap(blocks[i], sizes[i] ? sizes[i] : 1);
 }
 
 Result<LoadedMethod*> ProgramState::method(const std::string& name) {
@@ -67,9 +86,15 @@ Result<LoadedMethod*> ProgramState::method(const std::string& name) {
         if (static_cast<size_t>(s.get()) > sizes[i]) sizes[i] = static_cast<size_t>(s.get());
       }
     }
+    planned.blocks.reserve(sizes.size());  // no throw between a mapping and its record
+    planned.sizes.reserve(sizes.size());
     for (size_t s : sizes) {
-      // calloc: large blocks are fresh zero pages, resident only once written.
-      void* b = std::calloc(s ? s : 1, 1);
+      // Its own mapping of zero pages: resident once written, or at once (MAP_POPULATE)
+      // when the program holds memory as ExecuTorch's Python runtime does; never part of
+      // the malloc heap, so freeing it gives it back.
+      void* b = ::mmap(nullptr, s ? s : 1, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | (options.resident ? MAP_POPULATE : 0), -1, 0);
+      if (b == MAP_FAILED) b = nullptr;
       if (b == nullptr) {
         return Status(ErrorKind::AllocationFailed,
                       source + ": allocating " + std::to_string(s) + " bytes of planned memory failed");
@@ -144,6 +169,37 @@ std::once_flag g_runtime_once;
 
 namespace detail {
 
+namespace {
+
+/// What a program is read from: a file (`fd`) or the caller's buffer (`memory`).
+struct Bytes {
+  int fd = -1;
+  const uint8_t* memory = nullptr;
+  uint64_t size = 0;
+  /// Read `n` bytes at `offset` into `out`; false past the end or on a read error.
+  bool read(uint64_t offset, size_t n, void* out) const {
+    if (offset > size || n > size - offset) return false;
+    if (memory != nullptr) {
+      if (n) std::memcpy(out, memory + offset, n);
+      return true;
+    }
+    uint8_t* dst = static_cast<uint8_t*>(out);
+    while (n > 0) {
+      const ssize_t got = ::pread(fd, dst, n, static_cast<off_t>(offset));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) return false;
+      dst += got;
+      n -= static_cast<size_t>(got);
+      offset += static_cast<uint64_t>(got);
+    }
+    return true;
+  }
+};
+
+Status open_bytes(const std::string& path, const Bytes& in, ProgramState& st);
+
+}  // namespace
+
 Status open_rebound(const std::string& path, ProgramState& st) {
   st.source = path;
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -161,13 +217,34 @@ Status open_rebound(const std::string& path, ProgramState& st) {
   if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
     return invalid(path + ": not a regular file, expected a .pte");
   }
-  st.file_size = static_cast<uint64_t>(sb.st_size);
+  Bytes in;
+  in.fd = fd;
+  in.size = static_cast<uint64_t>(sb.st_size);
+  Status s = open_bytes(path, in, st);
+  guard.keep = s.ok();  // the loader owns the descriptor now
+  return s;
+}
+
+Status open_rebound_memory(const std::string& name, const uint8_t* data, uint64_t size, ProgramState& st) {
+  st.source = name;
+  if (data == nullptr && size != 0) return invalid(name + ": no bytes given");
+  Bytes in;
+  in.memory = data;
+  in.size = size;
+  st.memory = data;
+  return open_bytes(name, in, st);
+}
+
+namespace {
+
+Status open_bytes(const std::string& path, const Bytes& in, ProgramState& st) {
+  st.file_size = in.size;
   if (st.file_size < 16) {
     return invalid(path + ": " + std::to_string(st.file_size) + " bytes is too short to be a .pte (truncated file?)");
   }
   uint8_t head[64] = {0};
   const size_t head_n = st.file_size < 64 ? static_cast<size_t>(st.file_size) : 64;
-  if (::pread(fd, head, head_n, 0) != static_cast<ssize_t>(head_n)) {
+  if (!in.read(0, head_n, head)) {
     return invalid(path + ": cannot read its header");
   }
   if (head[4] != 'E' || head[5] != 'T' || head[6] < '0' || head[6] > '9' || head[7] < '0' || head[7] > '9') {
@@ -197,12 +274,7 @@ Status open_rebound(const std::string& path, ProgramState& st) {
     return invalid(path + ": a program flatbuffer of " + std::to_string(program_size) + " bytes is not plausible");
   }
   std::vector<uint8_t> region(static_cast<size_t>(program_size));
-  size_t got = 0;
-  while (got < region.size()) {
-    const ssize_t n = ::pread(fd, region.data() + got, region.size() - got, static_cast<off_t>(got));
-    if (n <= 0) return invalid(path + ": cannot read the program flatbuffer");
-    got += static_cast<size_t>(n);
-  }
+  if (!in.read(0, region.size(), region.data())) return invalid(path + ": cannot read the program flatbuffer");
   fb::ProgramModel model;
   try {
     model = fb::parse_program(region.data(), region.size());
@@ -231,8 +303,7 @@ Status open_rebound(const std::string& path, ProgramState& st) {
                                                   " bytes; a manifest is a few KB (corrupt .pte)");
     }
     std::string bytes(static_cast<size_t>(s.size), '\0');
-    if (s.size && ::pread(fd, &bytes[0], bytes.size(), static_cast<off_t>(base + s.offset)) !=
-                      static_cast<ssize_t>(bytes.size())) {
+    if (s.size && !in.read(base + s.offset, bytes.size(), &bytes[0])) {
       return invalid(path + ": the lazykv manifest lies past the end of the file (truncated .pte)");
     }
     auto m = parse_manifest(bytes, path);
@@ -296,27 +367,57 @@ Status open_rebound(const std::string& path, ProgramState& st) {
       if (info.inputs[static_cast<size_t>(t.first)].kind != InputSpec::Kind::Tensor) t.second = -1;
     }
   }
-  st.loader.reset(new RebindingLoader(fd, st.file_size, std::move(patched), old_base, new_base));
-  guard.keep = true;
+  if (in.memory != nullptr) {
+    st.loader.reset(new RebindingLoader(in.memory, st.file_size, std::move(patched), old_base, new_base));
+  } else {
+    st.loader.reset(new RebindingLoader(in.fd, st.file_size, std::move(patched), old_base, new_base));
+  }
+  st.loader->set_populate_constants(st.options.resident);
   return Status();
 }
 
+}  // namespace
 }  // namespace detail
 
 Program::Program() : state_(new detail::ProgramState()) {}
 Program::~Program() = default;
 
 Result<std::shared_ptr<Program>> Program::load(const std::string& path, const LoadOptions& options) {
-  std::call_once(g_runtime_once, [] { executorch::runtime::runtime_init(); });
   try {
     std::shared_ptr<Program> self(new Program());
+    return finish_load(path, options, [&](detail::ProgramState& st) { return detail::open_rebound(path, st); },
+                       std::move(self));
+  } catch (const std::bad_alloc&) {
+    return Status(ErrorKind::AllocationFailed, path + ": out of memory while loading");
+  }
+}
+
+Result<std::shared_ptr<Program>> Program::load_bytes(const void* data, size_t size, const std::string& name,
+                                                     const LoadOptions& options) {
+  try {
+    std::shared_ptr<Program> self(new Program());
+    return finish_load(name, options,
+                     [&](detail::ProgramState& st) {
+                       return detail::open_rebound_memory(name, static_cast<const uint8_t*>(data), size, st);
+                     },
+                     std::move(self));
+  } catch (const std::bad_alloc&) {
+    return Status(ErrorKind::AllocationFailed, name + ": out of memory while loading");
+  }
+}
+
+Result<std::shared_ptr<Program>> Program::finish_load(const std::string& path, const LoadOptions& options,
+                                                     const std::function<Status(detail::ProgramState&)>& open,
+                                                     std::shared_ptr<Program> self) {
+  std::call_once(g_runtime_once, [] { executorch::runtime::runtime_init(); });
+  try {
     detail::ProgramState& st = *self->state_;
     st.source = path;
     st.options = options;
     if (options.max_bytes < -1) {
       return Status(ErrorKind::InvalidInput, "max_bytes must be >= 0 bytes, got " + std::to_string(options.max_bytes));
     }
-    Status opened = detail::open_rebound(path, st);
+    Status opened = open(st);
     if (!opened.ok()) return opened;
     auto program = executorch::runtime::Program::load(st.loader.get(),
                                                       executorch::runtime::Program::Verification::InternalConsistency);
@@ -329,6 +430,7 @@ Result<std::shared_ptr<Program>> Program::load(const std::string& path, const Lo
                     static_cast<int>(program.error()));
     }
     st.program.reset(new executorch::runtime::Program(std::move(program.get())));
+    if (options.defer_methods) return self;
     // Several methods over the same weights: XNNPACK's weight cache keeps one packed
     // copy (DESIGN fact 7); load every method now, inside that setting.
     std::vector<std::string> runnable;
@@ -382,7 +484,13 @@ Result<const MethodInfo*> Program::method_info(const std::string& name) const {
 Result<std::string> Program::digest() const {
   std::lock_guard<std::mutex> lock(state_->digest_mutex);
   if (state_->digest.empty()) {
-    state_->digest = sha256_file(state_->source);
+    if (state_->memory != nullptr) {
+      Sha256 h;
+      h.update(state_->memory, static_cast<size_t>(state_->file_size));
+      state_->digest = h.hexdigest();
+    } else {
+      state_->digest = sha256_file(state_->source);
+    }
     if (state_->digest.empty()) {
       return Status(ErrorKind::IoError, state_->source + ": cannot read the program to compute its sha256");
     }
@@ -395,6 +503,18 @@ Status Program::load_method(const std::string& name) {
   try {
     auto m = state_->method(name);
     return m.ok() ? Status() : m.status();
+  } catch (const std::bad_alloc&) {
+    return Status(ErrorKind::AllocationFailed, state_->source + ": out of memory loading method '" + name + "'");
+  }
+}
+
+Result<executorch::ET_RUNTIME_NAMESPACE::Method*> Program::raw_method(const std::string& name) {
+  std::lock_guard<std::recursive_mutex> lock(state_->mutex);
+  try {
+    auto m = state_->method(name);
+    if (!m.ok()) return m.status();
+    m.get()->bound_session = 0;  // its inputs are the caller's from now on
+    return m.get()->method.get();
   } catch (const std::bad_alloc&) {
     return Status(ErrorKind::AllocationFailed, state_->source + ": out of memory loading method '" + name + "'");
   }

@@ -25,7 +25,7 @@ namespace detail {
 
 /// malloc-backed MemoryAllocator that honours any power-of-two alignment (ExecuTorch's
 /// MallocMemoryAllocator rounds the size, not the block, so an aligned pointer can run
-/// past its block) and frees everything on reset().
+/// past its block) and frees everything on reset(); large blocks are mapped directly.
 class HeapAllocator final : public executorch::runtime::MemoryAllocator {
  public:
   HeapAllocator() : MemoryAllocator(0, nullptr) {}
@@ -34,7 +34,14 @@ class HeapAllocator final : public executorch::runtime::MemoryAllocator {
   void reset() override;
 
  private:
-  std::vector<void*> blocks_;
+  /// Blocks of at least this many bytes are their own anonymous mapping.
+  static constexpr size_t kMapBytes = 64 * 1024;
+  struct Block {
+    void* base;
+    size_t mapped;  // bytes mapped, 0 for a malloc'd block
+  };
+  static void release(const Block& b);
+  std::vector<Block> blocks_;
 };
 
 /// One loaded method and the memory it runs in.
@@ -63,6 +70,7 @@ struct ProgramState {
   std::string source;
   LoadOptions options;
   uint64_t file_size = 0;
+  const uint8_t* memory = nullptr;  // the caller's bytes of a program loaded from memory
   std::unique_ptr<RebindingLoader> loader;
   std::unique_ptr<executorch::runtime::Program> program;
   Manifest manifest;
@@ -90,6 +98,9 @@ struct ProgramState {
 /// buffers in memory and make `st.loader` serve the result (the first half of
 /// Program::load; also used to hand the loader to ExecuTorch's PyDataLoader).
 Status open_rebound(const std::string& path, ProgramState& st);
+/// The same over the caller's `size` bytes at `data` (kept alive by the caller for the
+/// program's life), named `name` in messages.
+Status open_rebound_memory(const std::string& name, const uint8_t* data, uint64_t size, ProgramState& st);
 
 /// One lazy buffer's storage.
 struct KvBuffer {

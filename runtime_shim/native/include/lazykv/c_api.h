@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define LKV_ABI_VERSION 2
+#define LKV_ABI_VERSION 3
 #define LKV_MAX_DIMS 16
 
 typedef struct lkv_program lkv_program;
@@ -33,6 +33,9 @@ typedef struct lkv_tensor {
 
 int lkv_abi_version(void);
 const char* lkv_last_error(void);
+/* ExecuTorch's error code (runtime/core/error.h) behind the calling thread's last
+ * failure, 0 when ExecuTorch did not report one. */
+int lkv_last_et_error(void);
 
 /* policy: "doubling", "step:256", ... ; max_bytes -1 = none; weight_cache -1/0/1. */
 int lkv_program_load(const char* path, const char* policy, int64_t max_bytes, int weight_cache, lkv_program** out);
@@ -64,6 +67,52 @@ int lkv_session_stats(lkv_session* session, int64_t* out);
 int lkv_session_trim(lkv_session* session, int64_t n, int64_t* freed_positions, int64_t* freed_bytes);
 int lkv_session_reset(lkv_session* session, int64_t* freed_positions, int64_t* freed_bytes);
 int lkv_session_save(lkv_session* session, const char* path, int64_t* bytes_written);
+
+/* -- Raw programs: the caller owns the KV storage and binds every input ------------------
+ * What Python's `lazykv.runtime_shim` runs on (runtime_shim/native_runtime.py, RawProgram):
+ * the program is read and rebound in memory as by lkv_program_load, but no session
+ * exists; the caller passes every input of a method (its own inputs, then its KV
+ * tensors) and checks them first (a tensor of the right element count and a wrong
+ * shape aborts inside ExecuTorch). No method loads here, and XNNPACK's weight cache is
+ * the process-wide option (`set_option`), as for ExecuTorch's own Python runtime. */
+typedef struct lkv_raw_program lkv_raw_program;
+typedef struct lkv_raw_method lkv_raw_method;
+
+#define LKV_VALUE_NONE 0
+#define LKV_VALUE_TENSOR 1
+#define LKV_VALUE_INT 2
+#define LKV_VALUE_DOUBLE 3
+#define LKV_VALUE_BOOL 4
+
+/* One method input or output (an EValue). A tensor is contiguous; an input's data is
+ * the caller's, an output's points into the program's memory. */
+typedef struct lkv_value {
+  int32_t kind;        /* LKV_VALUE_* */
+  int32_t scalar_type; /* tensors: executorch ScalarType code */
+  int32_t dim;         /* tensors */
+  int32_t reserved;
+  void* data;          /* tensors */
+  int64_t i;           /* ints and bools (0/1) */
+  double d;            /* doubles */
+  int64_t sizes[LKV_MAX_DIMS];
+} lkv_value;
+
+/* The file `path`, or (path NULL) `size` bytes at `data`, which the caller keeps alive
+ * and unchanged while the program lives (segments are read in place). `name` stands for
+ * the program in messages (NULL: path). */
+int lkv_raw_program_load(const char* path, const void* data, int64_t size, const char* name, lkv_raw_program** out);
+void lkv_raw_program_free(lkv_raw_program* program);
+/* Method `name`, loaded on the first call (then the same handle); owned by the program.
+ * *n_inputs: the inputs it takes (the user's, then the rebound KV buffers). */
+int lkv_raw_method_load(lkv_raw_program* program, const char* name, lkv_raw_method** out, int32_t* n_inputs);
+/* Set the method's n inputs and execute it. An input the program does not plan (a
+ * rebound KV buffer) is aliased, not copied, and set again only when its data pointer,
+ * dtype or shape changes; planned inputs are copied in on every call. On return
+ * outputs[0..min(*n_outputs, max_outputs)) describe the outputs: tensor data valid
+ * until the next execute of any method of this program. One call at a time per
+ * program (the caller serialises). */
+int lkv_raw_execute(lkv_raw_method* method, const lkv_value* inputs, int32_t n, lkv_value* outputs,
+                    int32_t max_outputs, int32_t* n_outputs);
 
 #ifdef __cplusplus
 }

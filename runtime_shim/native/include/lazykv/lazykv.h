@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -23,6 +24,12 @@
 
 #include <lazykv/policy.h>
 #include <lazykv/status.h>
+
+namespace executorch {
+namespace ET_RUNTIME_NAMESPACE {
+class Method;
+}  // namespace ET_RUNTIME_NAMESPACE
+}  // namespace executorch
 
 namespace lazykv {
 
@@ -85,6 +92,15 @@ struct LoadOptions {
   /// methods (weights resident once, DESIGN fact 7), 0 = off, 1 = on. Whenever it is
   /// not -1 or the program has several methods, every method is loaded by `load`.
   int weight_cache = -1;
+  /// Load no method in `load` and never set XNNPACK's weight cache per load: methods
+  /// load on request (`Program::load_method`, `Program::raw_method`) under the
+  /// process-wide option (the Python shim sets it itself, runtime_shim/weight_cache.py).
+  bool defer_methods = false;
+  /// Memory as ExecuTorch's own Python runtime holds it, which `lazykv.estimate`
+  /// counts: constant segments read in at load (that runtime mlocks its mapping) and
+  /// planned memory touched when a method loads. Off (default): both are paged in as
+  /// they are used (file-backed constants, zero pages until written).
+  bool resident = false;
 };
 
 /// A snapshot of a session's KV storage (the fields of Python's `SessionStats`).
@@ -136,6 +152,11 @@ class Program : public std::enable_shared_from_this<Program> {
   /// Load a `.pte` (lazy or not). Refuses a corrupt file, a foreign or newer manifest,
   /// or a program ExecuTorch rejects, with a message naming the problem.
   static Result<std::shared_ptr<Program>> load(const std::string& path, const LoadOptions& options = {});
+  /// Load a `.pte` held in memory: `size` bytes at `data`, which the caller keeps alive
+  /// and unchanged while the program lives (segments are read in place, not copied).
+  /// `name` stands for the file in messages.
+  static Result<std::shared_ptr<Program>> load_bytes(const void* data, size_t size, const std::string& name,
+                                                     const LoadOptions& options = {});
   ~Program();
 
   const std::string& source() const;
@@ -159,6 +180,11 @@ class Program : public std::enable_shared_from_this<Program> {
   Result<std::string> digest() const;
   /// Load a method now instead of on its first run.
   Status load_method(const std::string& name);
+  /// The loaded ExecuTorch method `name` (loading it on first use), for a caller that
+  /// sets every input itself (the C ABI's `lkv_raw_*` calls: the KV storage is the
+  /// caller's). Valid while the program lives; the caller serialises its use with every
+  /// other call on this program (the methods share planned memory).
+  Result<executorch::ET_RUNTIME_NAMESPACE::Method*> raw_method(const std::string& name);
   /// Run a method that takes no inputs (e.g. `get_vocab_size`), returning its first
   /// output as an int64 (ints and integer tensors of one element).
   Result<int64_t> constant_int(const std::string& name);
@@ -176,6 +202,10 @@ class Program : public std::enable_shared_from_this<Program> {
  private:
   friend class Session;
   Program();
+  /// `open` reads and rebinds the program into the state; then ExecuTorch loads it.
+  static Result<std::shared_ptr<Program>> finish_load(const std::string& name, const LoadOptions& options,
+                                                      const std::function<Status(detail::ProgramState&)>& open,
+                                                      std::shared_ptr<Program> self);
   std::unique_ptr<detail::ProgramState> state_;
 };
 
