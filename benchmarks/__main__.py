@@ -41,6 +41,9 @@ def parse(argv):
     ap.add_argument("--reps", type=int, default=5,
                     help="repeats of the 2048 load comparison (default 5, min 5); the other max "
                          "contexts get 3")
+    ap.add_argument("--load-contexts", type=lambda v: tuple(int(x) for x in v.split(",")), default=(),
+                    help="max contexts the load case measures, e.g. 2048 (default: all; each needs "
+                         "its stories110m exports)")
     ap.add_argument("--quick", action="store_true",
                     help="fewer repeats and shorter runs (development only; medians of fewer than 5)")
     ap.add_argument("--rebuild", action="store_true",
@@ -58,7 +61,7 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     cases = list(CASE_ORDER) if "all" in args.cases else list(dict.fromkeys(args.cases))
-    ctx = Ctx(reps=max(5, args.reps), quick=args.quick)
+    ctx = Ctx(reps=max(5, args.reps), quick=args.quick, load_contexts=args.load_contexts)
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     date = now()

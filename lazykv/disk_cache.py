@@ -3,23 +3,24 @@
 One folder, :func:`cache_dir`: ``$LAZYKV_CACHE_DIR`` if set (``~`` expanded), else
 ``$XDG_CACHE_HOME/lazykv``, else ``~/.cache/lazykv``. What lives there:
 
-``program``     the rebound copy of a lazy ``.pte`` that ``runtime_shim.load`` writes and
-                loads (model-sized) with its small metadata sidecar, keyed by the
-                source's sha256; or the file copy of a program loaded from ``bytes``
+``program``     what ``runtime_shim.load`` found when it verified a ``.pte`` (a few KB
+                of JSON, keyed by the source's sha256: the next load of the same file
+                verifies nothing). No copy of a program: the C++ loader reads the
+                original file. (A ``<sha256>.*.pte`` left by an earlier lazykv, which
+                wrote rebound copies, is listed and evicted as a ``program`` too.)
 ``checkpoint``  a random-weight Llama checkpoint written by ``lazykv export``
 ``native``      the native helper when compiled on first use
 ``hashes``      memoized sha256 digests of source files (a few bytes each)
 ``partial``     a file being written right now (or left by a killed process)
 ``other``       anything else
 
-**Bound.** After each write of a ``program`` or ``checkpoint`` entry, entries of those two
-kinds are evicted least recently used first (a cache hit marks an entry used) until the
-folder holds at most :func:`max_bytes`: ``$LAZYKV_CACHE_MAX_BYTES`` (a size as
+**Bound.** After each new ``checkpoint`` entry, entries of the kinds ``program`` and
+``checkpoint`` are evicted least recently used first until the folder holds at most
+:func:`max_bytes`: ``$LAZYKV_CACHE_MAX_BYTES`` (a size as
 :func:`lazykv.units.parse_size` reads it), default :data:`DEFAULT_MAX_BYTES`. The entry
-just written or in use is never evicted, so one entry larger than the cap stays until the
-next one is written. ``LAZYKV_CACHE_MAX_BYTES=0`` (or ``off``) turns the cache off:
-``runtime_shim.load`` then writes its rebound copy to a temporary folder and deletes it
-as soon as the runtime has the file open, and nothing is kept.
+just written is never evicted, so one entry larger than the cap stays until the next one
+is written. ``LAZYKV_CACHE_MAX_BYTES=0`` (or ``off``) turns the cache off:
+``runtime_shim.load`` then keeps nothing (every load verifies the program again).
 
 ``lazykv cache`` lists the entries (``list``), prints the total (``size``) and empties
 the folder (``clear``). Standard library only.
@@ -33,7 +34,6 @@ import re
 import shutil
 import tempfile
 import time
-import weakref
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple, Union
 
@@ -43,7 +43,7 @@ from lazykv.units import SizeError, parse_size
 
 ENV_DIR = "LAZYKV_CACHE_DIR"
 ENV_MAX_BYTES = "LAZYKV_CACHE_MAX_BYTES"
-#: Default cap: a few rebound copies of a mid-size model.
+#: Default cap: a few random checkpoints of a mid-size model.
 DEFAULT_MAX_BYTES = 4 << 30
 #: Kinds that :func:`evict` may remove (the model-sized ones).
 EVICTABLE = ("program", "checkpoint")
@@ -254,36 +254,7 @@ def ensure_writable(root: Union[str, os.PathLike]) -> Path:
     return root
 
 
-class LoadCache:
-    """The cache folder one ``runtime_shim.load`` writes to, and its bookkeeping.
-
-    ``LoadCache(explicit_dir)``: the folder is ``explicit_dir`` if given, else
-    :func:`cache_dir`; with the cache off (``max_bytes() == 0``) and no explicit folder it
-    is a fresh temporary folder, removed by :meth:`done` (or when this object is
-    collected). After the runtime opened the program, :meth:`done` marks the entry used
-    and evicts others over the cap. (Writers check the folder themselves:
-    :func:`lazykv.output_path.atomic_write` with ``fix=FIX``.)
-    """
-
-    def __init__(self, explicit_dir: Optional[Union[str, os.PathLike]] = None) -> None:
-        self.cap = max_bytes()
-        self.temporary = explicit_dir is None and self.cap == 0
-        if self.temporary:
-            self.dir = Path(tempfile.mkdtemp(prefix="lazykv-load-"))
-            self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)
-        else:
-            self.dir = Path(explicit_dir) if explicit_dir is not None else cache_dir()
-            self._cleanup = None
-
-    def done(self, digest: Optional[str]) -> None:
-        """The program with sha256 ``digest`` is open in the runtime: mark its entry used
-        now and evict other entries over the cap (or, for a temporary folder, remove it:
-        the runtime keeps its file open)."""
-        if self._cleanup is not None:
-            self._cleanup()
-            return
-        if digest is not None:
-            for p in self.dir.glob(f"{digest}.*"):
-                touch(p)
-        keep = () if digest is None or self.cap == 0 else (digest,)
-        evict(self.dir, keep=keep, cap=self.cap)
+def metadata_dir() -> Optional[Path]:
+    """The folder ``runtime_shim.load`` keeps verified metadata in by default:
+    :func:`cache_dir`, or None when the cache is off (``max_bytes() == 0``)."""
+    return cache_dir() if enabled() else None

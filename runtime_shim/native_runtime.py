@@ -113,9 +113,9 @@ def library() -> ctypes.CDLL:
                 "`LAZYKV_REQUIRE_NATIVE=1 pip install --no-build-isolation .` to see why it "
                 "was not built (it needs cmake and a C++17 compiler)"
             )
-        from lazykv.runtime_shim.program import _runtime
+        from lazykv.runtime_shim.kernels import runtime
 
-        _runtime()  # libexecutorch.so, kernels, delegates and custom ops in the process first
+        runtime()  # libexecutorch.so, kernels, delegates and custom ops in the process first
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as e:

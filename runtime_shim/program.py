@@ -23,6 +23,7 @@ from lazykv.units import parse_size
 from lazykv.manifest import LazyBuffer, Manifest
 from lazykv.runtime_shim.allocator import DynamicAllocator, TorchAllocator
 from lazykv.runtime_shim.inputs import MethodInfo
+from lazykv.runtime_shim.kernels import runtime
 from lazykv.runtime_shim.loader import load_prepared
 from lazykv.runtime_shim.policy import GrowthPolicy, parse_policy
 from lazykv.runtime_shim.prepared import PreparedProgram
@@ -32,25 +33,9 @@ from lazykv.verify import MethodLimits
 
 logger = logging.getLogger(__name__)
 
-_RUNTIME_LOCK = threading.Lock()
-_RUNTIME = None
-
-
-def _runtime():
-    """ExecuTorch's Python runtime with the kernel libraries of the installed ExecuTorch
-    registered (LLM custom ops, quantized kernels: DESIGN facts 3 and 12). The C++
-    engine runs inside it: importing it loads ``libexecutorch.so`` and registers the
-    kernels and delegates the engine finds."""
-    global _RUNTIME
-    with _RUNTIME_LOCK:
-        if _RUNTIME is None:
-            from lazykv.runtime_shim.kernels import load_kernel_libraries
-
-            load_kernel_libraries()
-            from executorch.runtime import Runtime
-
-            _RUNTIME = Runtime.get()
-        return _RUNTIME
+# ExecuTorch's Python runtime with the installed kernel libraries registered (the C++
+# engine runs inside it); tests and benchmarks use it as the stock reference.
+_runtime = runtime
 
 
 class LazyProgram:
@@ -76,13 +61,13 @@ class LazyProgram:
         self.max_bytes: Optional[int] = None if max_bytes is None else parse_size(max_bytes, "max_bytes")
         self.allocator: DynamicAllocator = allocator or TorchAllocator()
         # lazykv's cache folder keeps the verified metadata (a few KB); nothing when off.
-        if cache_dir is None and disk_cache.enabled():
-            cache_dir = disk_cache.cache_dir()
+        if cache_dir is None:
+            cache_dir = disk_cache.metadata_dir()
         self.source = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source)
         loaded = load_prepared(source, None if cache_dir is None else Path(cache_dir))
         prepared: PreparedProgram = loaded.prepared
         self.prepared = prepared
-        self.digest: str = loaded.digest
+        self._digest = loaded.digest  # may still be computing: see the digest property
         #: The verified metadata came from the disk cache (nothing parsed or verified).
         self.cache_hit: bool = loaded.cache_hit
         #: The file the runtime reads (the source itself; None for a program given as bytes).
@@ -126,6 +111,12 @@ class LazyProgram:
         self._sessions_open = 0
 
     # -- introspection ---------------------------------------------------------------
+
+    @property
+    def digest(self) -> str:
+        """sha256 (hex) of the program's bytes (what session files record). A first load
+        computes it in a thread, off the load's critical path: this waits for it."""
+        return self._digest.result()
 
     @property
     def bytes_per_position(self) -> int:

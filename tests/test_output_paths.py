@@ -204,12 +204,14 @@ def test_generate_plot_path_checked_before_loading(example_lazy, tmp_path):
     assert "loaded" not in r.stderr  # nothing was loaded or generated for nothing
 
 
-def test_generate_with_read_only_cache_is_one_line(example_lazy, read_only_dir):
+def test_generate_with_read_only_cache_still_runs(example_lazy, read_only_dir):
+    """Loading keeps only optional metadata in the cache (no copy of the program), so a
+    cache folder that cannot be written costs a verification per load, not the load."""
     r, _ = _run([LAZYKV, "generate", str(example_lazy[1].path), "--new-tokens", "2"],
                 env={"LAZYKV_CACHE_DIR": str(read_only_dir)}, preexec_fn=_drop_root_override())
-    assert r.returncode == 2, r.stderr
-    line = _one_error_line(r.stderr)
-    assert str(read_only_dir) in line and "LAZYKV_CACHE_DIR" in line
+    assert r.returncode == 0, r.stderr
+    assert "2/2 tokens" in r.stderr and "Traceback" not in r.stderr
+    assert os.listdir(read_only_dir) == []
 
 
 def test_check_junit_xml_to_a_directory_fails_before_checking(example_lazy, tmp_path):

@@ -478,25 +478,69 @@ def test_save_restore_round_trip(lazy_prog, shim_lazy_pte, shim_cache, tmp_path)
 # -- binding -------------------------------------------------------------------------------
 
 
-def test_rebound_file_keeps_segments_and_is_cached(shim_lazy_pte, tmp_path):
-    prog = load(shim_lazy_pte, cache_dir=tmp_path)
-    assert prog.cache_hit is False
-    src, dst = open_pte(shim_lazy_pte), open_pte(prog.runtime_path)
-    assert dst.segment_base_offset % 128 == 0
-    a = bytes(src.data[src.segment_base_offset:])
-    b = bytes(dst.data[dst.segment_base_offset:])
-    assert a == b  # weights byte for byte
-    plan = dst.plan("forward")
-    assert len(plan.inputs) == 2 + len(prog.buffers)
-    assert load(shim_lazy_pte, cache_dir=tmp_path).cache_hit is True
+def _files_under(*roots):
+    return {os.path.join(d, f): os.path.getsize(os.path.join(d, f))
+            for r in roots for d, _, fs in os.walk(r) for f in fs}
 
 
-def test_bytes_source_loads_from_a_file(shim_lazy_pte, shim_cache):
-    data = open(shim_lazy_pte, "rb").read()
-    prog = load(data, cache_dir=shim_cache)
-    assert os.path.exists(prog.runtime_path)
+def test_load_writes_no_copy_of_the_program(shim_lazy_pte, tmp_path, monkeypatch):
+    """A first load of a lazy .pte (a path never seen: it is hashed and verified) writes
+    only small metadata under the cache folder, nothing else under HOME or TMPDIR; the
+    program then runs from the original file, and the next load verifies nothing."""
+    import tempfile
+
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    for var in ("LAZYKV_CACHE_DIR", "XDG_CACHE_HOME", "LAZYKV_CACHE_MAX_BYTES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile reads TMPDIR once
+    src = tmp_path / "model.pte"
+    shutil.copyfile(shim_lazy_pte, src)
+    prog = load(src)
+    assert prog.lazy and prog.cache_hit is False and prog.runtime_path == str(src)
+    written = _files_under(home, tmp)
+    cache = str(home / ".cache" / "lazykv")
+    assert written and all(p.startswith(cache + os.sep) for p in written), written
+    assert max(written.values()) < 1 << 20 and sum(written.values()) < 1 << 20, written
     with prog.session() as s:
-        s.run("forward", [_prompt(3), _pos(0)])
+        s.run("forward", [_prompt(5), _pos(0)])
+    assert load(src).cache_hit is True
+    assert _files_under(home, tmp) == written
+
+
+def test_bytes_source_runs_from_the_callers_buffer(shim_lazy_pte, lazy_prog, tmp_path):
+    """A program given as bytes is read in place (the bytes object is kept, not copied,
+    no file is written but its metadata) and computes what the same file does."""
+    data = open(shim_lazy_pte, "rb").read()
+    prog = load(data, cache_dir=tmp_path)
+    assert prog.source == "<bytes>" and prog.runtime_path is None and prog.lazy
+    assert prog._engine._native.data is data
+    assert prog.digest == lazy_prog.digest
+    assert all(n < 1 << 20 for n in _files_under(tmp_path).values())
+    toks = _prompt(9, seed=4)
+    with prog.session() as a, lazy_prog.session() as b:
+        x, y = a.run("forward", [toks, _pos(0)])[0], b.run("forward", [toks, _pos(0)])[0]
+        assert torch.equal(x, y)
+        for i in range(5):
+            t = torch.tensor([[_last(x)]])
+            x, y = a.run("forward", [t, _pos(9 + i)])[0], b.run("forward", [t, _pos(9 + i)])[0]
+            assert torch.equal(x, y)
+    assert prog.footprint().bytes_per_position == prog.bytes_per_position
+
+
+def test_missing_native_runtime_is_a_clear_error(shim_lazy_pte, shim_cache, tmp_path, monkeypatch):
+    """Without lazykv's native runtime nothing loads, and the error names the fix."""
+    from lazykv.errors import NativeRuntimeMissing
+    from lazykv.runtime_shim import native_runtime
+
+    monkeypatch.setattr(native_runtime, "_LIB", None)
+    monkeypatch.setenv(native_runtime.ENV_LIBRARY, str(tmp_path / "liblazykv_native.so"))
+    with pytest.raises(NativeRuntimeMissing, match=r"make venv") as e:
+        load(shim_lazy_pte, cache_dir=shim_cache)
+    assert str(tmp_path / "liblazykv_native.so") in str(e.value)
 
 
 # -- CLI -----------------------------------------------------------------------------------
