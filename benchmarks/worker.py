@@ -436,10 +436,9 @@ def _mm_inputs(spec, gen):
 
 @task
 def multimethod_plan(path, methods, kv_positions):
-    """How to run ``path`` on the stock runtime, method by method: the file the runtime
-    loads (for a lazy program, the shim's rebound copy, whose KV buffers are inputs after
-    the user's) and, per method, the shapes and dtypes of the KV storage to pass there
-    (``kv_positions`` positions each, as a session would hold)."""
+    """How to run ``path`` method by method: per method, the shapes and dtypes of the KV
+    storage to pass after the user's inputs (``kv_positions`` positions each, as a
+    session would hold; a lazy program's KV buffers are inputs once rebound)."""
     from lazykv import runtime_shim
 
     prog = runtime_shim.load(path)
@@ -447,7 +446,7 @@ def multimethod_plan(path, methods, kv_positions):
     kv = {name: [[b.fqn, list(b.shape_at(kv_positions)), b.dtype]
                  for b in (bufs[f] for f in prog.method_info(name).lazy_fqns)]
           for name in methods}
-    return {"runtime_path": prog.runtime_path, "kv": kv}
+    return {"kv": kv}
 
 
 @task
@@ -455,9 +454,10 @@ def multimethod(path, mode, methods, inputs, plan=None):
     """Resident memory of a two-method program, from RSS before the program loads.
 
     ``off``/``on``: XNNPACK's weight cache switched (``weight_cache.enable``), then the
-    stock runtime loads the program (``plan["runtime_path"]``, see
-    :func:`multimethod_plan`) and each method in turn (``Program.load_method``) and runs
-    it, a point after each: the one-method point needs methods loaded one at a time,
+    shim's runtime engine loads the program (``native_engine.RawProgram``: the stock
+    ExecuTorch runtime, lazy buffers rebound in memory) and each method in turn and runs
+    it with the KV storage of ``plan`` (see :func:`multimethod_plan`), a point after
+    each: the one-method point needs methods loaded one at a time,
     which ``runtime_shim.load`` does not do for a multi-method program (it loads them all
     inside the cache setting, by design). ``default``: plain ``runtime_shim.load(path)``
     and a session running both methods: what users get. ``inputs[name]`` is
@@ -468,7 +468,7 @@ def multimethod(path, mode, methods, inputs, plan=None):
     from lazykv import runtime_shim
     from lazykv.runtime_shim import weight_cache
 
-    rt = _runtime()
+    _runtime()
     gen = torch.Generator().manual_seed(1)
     base = _rss()
     took = prog = sess = None
@@ -477,8 +477,10 @@ def multimethod(path, mode, methods, inputs, plan=None):
         prog = runtime_shim.load(path)
         sess = prog.session()
     else:
+        from lazykv.runtime_shim.native_engine import RawProgram
+
         took = weight_cache.enable(mode == "on")
-        et = rt.load_program(plan["runtime_path"])
+        et = RawProgram(path, path)
         kv = {}  # one tensor per buffer, shared by the methods (as in a session)
         for fqn, shape, dtype in (b for name in methods for b in plan["kv"][name]):
             if fqn not in kv:
@@ -495,7 +497,7 @@ def multimethod(path, mode, methods, inputs, plan=None):
             sess.run(name, args)
             kv_bytes = sess.kv_bytes
         else:
-            loaded[name] = et.load_method(name)
+            loaded[name] = et.method(name)
             load_s[name] = time.perf_counter() - t0
             loaded[name].execute(args + [kv[fqn] for fqn, _, _ in plan["kv"][name]])
         points[name] = _rss() - base - kv_bytes

@@ -12,10 +12,11 @@ from lazykv.cli._quiet import fmt_bytes
 
 _EPILOG = """\b
 Where: $LAZYKV_CACHE_DIR, else $XDG_CACHE_HOME/lazykv, else ~/.cache/lazykv.
+What: per loaded .pte, what verifying it found (a few KB of JSON; no copy of the
+program is ever written), lazykv export's random checkpoints, the native helper.
 Bound: $LAZYKV_CACHE_MAX_BYTES (default 4GiB; sizes like 2GiB or 500MB): after each
-new program or checkpoint, the least recently used ones are evicted until the folder
-fits. LAZYKV_CACHE_MAX_BYTES=0 (or off) keeps nothing: a lazy program's rebound copy
-goes to a temporary folder, deleted once the runtime has it open.
+new checkpoint, the least recently used entries are evicted until the folder fits.
+LAZYKV_CACHE_MAX_BYTES=0 (or off) keeps nothing: every load verifies its program.
 \b
 Exit codes: 0 success; 2 usage error or an unreadable LAZYKV_CACHE_MAX_BYTES.
 """
@@ -34,8 +35,8 @@ def _cap_line() -> str:
 @click.group(invoke_without_command=True, epilog=_EPILOG)
 @click.pass_context
 def cache(ctx):
-    """Show lazykv's disk cache: rebound copies of lazy programs, random checkpoints,
-    the native helper. Without a subcommand: `list`."""
+    """Show lazykv's disk cache: verified metadata of loaded programs, random
+    checkpoints, the native helper. Without a subcommand: `list`."""
     if ctx.invoked_subcommand is None:
         ctx.invoke(list_entries)
 

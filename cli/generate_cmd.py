@@ -157,7 +157,7 @@ def generate(ctx, pte, prompt_len, new_tokens, policy, max_bytes, sessions, shar
         if not quiet:
             err(f"loaded {pte} in {program.load_seconds:.2f} s "
                 f"({'lazy KV, ' + str(len(program.buffers)) + ' buffers' if program.lazy else 'no lazy KV buffers'}"
-                f"{', rebound copy cached' if program.cache_hit else ''}); policy {policy.spec()}")
+                f"{', verified before: cached' if program.cache_hit else ''}); policy {policy.spec()}")
         bar = None
         if not quiet and sys.stderr.isatty():
             total = sessions * (1 + max(new_tokens - 1, 0))

@@ -1,9 +1,9 @@
 """Run lazy ``.pte`` files on the stock ExecuTorch runtime.
 
-``load(path, policy="doubling", max_bytes=None)`` rewrites only the program flatbuffer
-(each lazy KV buffer becomes a trailing ``DYNAMIC_BOUND`` input, DESIGN fact 5), caches
-the rewritten file by the source's sha256 and loads it from its path; sessions then
-own growable KV storage::
+``load(path, policy="doubling", max_bytes=None)`` verifies the program in Python, then
+lazykv's C++ loader reads the original file (or the given ``bytes``, in place) with
+each lazy KV buffer rebound as a trailing ``DYNAMIC_BOUND`` input in memory (DESIGN
+fact 5): no copy of the program is written. Sessions then own growable KV storage::
 
     prog = load("model.pte", policy="step:256")
     with prog.session() as s:
@@ -14,12 +14,15 @@ A ``.pte`` without lazy buffers loads and runs unchanged through the same API.
 
 The load in two steps: :func:`prepare` (read through :mod:`lazykv.format`, verified by
 :mod:`lazykv.verify`: a :class:`PreparedProgram`, the metadata the disk cache keeps),
-then :class:`LazyProgram`, a thin object over ``executorch.runtime``. Modules:
-``prepared`` and ``loader`` (the load), ``program_cache`` and ``rebound_file`` (the disk
-cache), ``inputs`` (one description of a method's inputs, full and fast checks),
-``session`` and ``session_file``, ``policy`` and ``allocator`` (growth), ``weight_cache``
-and ``native`` (XNNPACK's weight cache, constants shared across methods at run time),
-``prompt_cache`` (prefixes kept within a budget), ``native_runtime`` (the C++ runtime).
+then :class:`LazyProgram`, a thin object over the C++ runtime engine
+(:mod:`.native_engine`: ExecuTorch's ``Program``/``Method`` in this process, inputs
+passed by pointer). Modules: ``prepared`` and ``loader`` (the load), ``program_cache``
+(the metadata cache), ``native_engine`` (the engine), ``kernels`` (the kernel libraries
+a program needs), ``inputs`` (one description of a method's inputs, full and fast
+checks), ``session`` and ``session_file``, ``policy`` and ``allocator`` (growth),
+``weight_cache`` and ``native`` (XNNPACK's weight cache, constants shared across
+methods at run time), ``prompt_cache`` (prefixes kept within a budget),
+``native_runtime`` (the C++ runtime's own sessions, and the library both load).
 
 Importing this package is cheap: the names below are imported on first use (PEP 562),
 so ``lazykv.runtime_shim.policy`` can check a policy string without torch, and the

@@ -120,6 +120,7 @@ class RawMethod:
         self._execute_c = library().lkv_raw_execute
         self._args = (_Value * max(1, n_inputs))()
         self._outs = (_Value * _MAX_OUTPUTS)()
+        self._views = [self._outs[i] for i in range(_MAX_OUTPUTS)]  # made once, read per call
         self._n_out = ctypes.c_int32()
         self._n_out_p = ctypes.pointer(self._n_out)
         self._context = f"{program_name}: running method {name!r}"
@@ -141,8 +142,9 @@ class RawMethod:
         """A call of this method with ``kv`` (the session's storage, in the order of the
         method's last inputs) set once: the returned function takes the user's inputs
         (tensors only) and returns the outputs as :meth:`execute`. ``kv`` must stay
-        alive and unmoved while the function is used (a session rebuilds it whenever
-        its storage changes); the C++ side keeps them bound between calls."""
+        unmoved while the function is used (a session rebuilds it whenever
+        its storage changes; the function keeps them alive); the C++ side keeps them
+        bound between calls."""
         n_user = self.n_inputs - len(kv)
         if n_user < 0:
             raise errors.InvalidInput(f"{self._context}: {len(kv)} KV inputs for a method of {self.n_inputs}")
@@ -155,7 +157,7 @@ class RawMethod:
         run = self._run
         codes = _CODES
 
-        def call(inputs: Sequence[_Tensor]) -> List:
+        def call(inputs: Sequence[_Tensor], _kv=kv) -> List:  # _kv: the storage stays alive
             for a, x in zip(user, inputs):
                 a.data = x.data_ptr()
                 a.scalar_type = codes[x.dtype]
@@ -174,11 +176,11 @@ class RawMethod:
         if n > _MAX_OUTPUTS:
             raise errors.ExecutionFailed(f"{self._context}: {n} outputs; lazykv reads at most {_MAX_OUTPUTS}")
         outs = []
-        for o in self._outs[:n]:
+        for o in self._views[:n]:
             kind = o.kind
-            if kind == _TENSOR:
-                t = _empty(o.sizes[:o.dim], dtype=_DTYPES[o.scalar_type])
-                nbytes = t.numel() * t.element_size()
+            if kind == _TENSOR:  # copied out: the program's memory is reused by the next call
+                t = _empty(tuple(o.sizes[:o.dim]), dtype=_DTYPES[o.scalar_type])
+                nbytes = t.nbytes
                 if nbytes:
                     _memmove(t.data_ptr(), o.data, nbytes)
                 outs.append(t)

@@ -8,9 +8,8 @@ the user's inputs) and its input limits, plus the manifest. It is small (a few K
 JSON) and versioned: the disk cache stores it (:mod:`lazykv.runtime_shim.program_cache`)
 so a second load of the same file neither parses nor verifies anything.
 
-Step two, turning the bytes into something the stock runtime loads, is separate
-(:mod:`lazykv.format.rebind` and :mod:`lazykv.runtime_shim.rebound_file` today; a native
-loader that serves the patched flatbuffer can replace it without touching this module).
+Step two, handing the bytes to the runtime, is separate: lazykv's C++ loader
+(:mod:`lazykv.runtime_shim.native_engine`) rebinds the program in memory.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ class PreparedProgram:
 
     @property
     def lazy(self) -> bool:
-        """Some KV buffer is lazy (the runtime loads a rebound copy)."""
+        """Some KV buffer is lazy (the loader rebinds it as an input)."""
         return self.manifest is not None and bool(self.manifest.lazy_buffers)
 
     def to_json(self) -> str:
