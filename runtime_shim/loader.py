@@ -114,6 +114,10 @@ def _hash_then_store(path: str, cache_dir: Optional[Path], verified: Future) -> 
 
     def run() -> None:
         try:
+            try:  # idle priority (Linux: per thread): the load's own work goes first
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except (AttributeError, OSError):
+                pass
             sha = cache.source_key(path, None, cache_dir)
             prepared = verified.result()
             if prepared is not None and cache_dir is not None:

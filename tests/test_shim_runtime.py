@@ -501,6 +501,7 @@ def test_load_writes_no_copy_of_the_program(shim_lazy_pte, tmp_path, monkeypatch
     shutil.copyfile(shim_lazy_pte, src)
     prog = load(src)
     assert prog.lazy and prog.cache_hit is False and prog.runtime_path == str(src)
+    assert len(prog.digest) == 64  # hashed by a thread, which then stores the metadata
     written = _files_under(home, tmp)
     cache = str(home / ".cache" / "lazykv")
     assert written and all(p.startswith(cache + os.sep) for p in written), written
