@@ -19,7 +19,6 @@ sessions (:func:`kv_figures`); lazy KV storage is each session's own. Totals are
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -49,17 +48,12 @@ class KVFigures:
 
 
 def kv_figures(program) -> KVFigures:
-    """:class:`KVFigures` of a loaded program (reads its program flatbuffer once). A
-    program loaded from bytes with the disk cache off has no file left to read: its
-    planned KV bytes count as 0 (lazy figures come from the manifest)."""
+    """:class:`KVFigures` of a loaded program (reads its program flatbuffer once, from
+    its file or the bytes it was loaded from)."""
     from lazykv.format.buffers import buffer_report, kv_buffers
     from lazykv.format.pte import open_pte
 
-    path = next((p for p in (str(program.source), program.runtime_path) if os.path.isfile(p)), None)
-    if path is None:
-        return KVFigures(0, program.max_positions * program.bytes_per_position,
-                         program.bytes_per_position)
-    with open_pte(path) as pte:  # the same classification as ``lazykv inspect``
+    with open_pte(program._data_source) as pte:  # the same classification as ``lazykv inspect``
         kv = kv_buffers(buffer_report(pte.program, pte.manifest))
     at_max = sum(b["nbytes"] for b in kv)
     return KVFigures(

@@ -103,21 +103,23 @@ def missing_operators(operators: Iterable[str]) -> List[str]:
     return sorted(set(out))
 
 
-def program_operators(path: str) -> List[str]:
-    """``namespace::op.overload`` of every operator a ``.pte``'s methods call."""
+def program_operators(source) -> List[str]:
+    """``namespace::op.overload`` of every operator a ``.pte``'s methods call (``source``:
+    its path or its bytes)."""
     from lazykv.format.pte import open_pte
 
-    with open_pte(path) as pte:
+    with open_pte(source) as pte:
         return sorted({o.full_name for plan in pte.program.plans for o in plan.operators})
 
 
 def missing_kernels_error(
-    path: Optional[str], context: str, operators: Optional[Iterable[str]] = None
+    source, context: str, operators: Optional[Iterable[str]] = None
 ) -> Optional[MissingKernels]:
-    """A :class:`MissingKernels` naming the operators of program ``path`` (or the given
-    ``operators``) that have no kernel here and the library that provides each (or that
-    none of the installed ExecuTorch does); None if every operator has a kernel."""
-    missing = missing_operators(program_operators(path) if operators is None else operators)
+    """A :class:`MissingKernels` naming the operators of program ``source`` (its path or
+    bytes; or the given ``operators``) that have no kernel here and the library that
+    provides each (or that none of the installed ExecuTorch does); None if every
+    operator has a kernel."""
+    missing = missing_operators(program_operators(source) if operators is None else operators)
     if not missing:
         return None
     parts = []

@@ -38,14 +38,17 @@ _empty = torch.empty
 _memmove = ctypes.memmove
 
 
-def _raise(code: int, context: str, *, loading: bool = False):
-    """Raise the lazykv error of the library's failure ``code`` (a ``lazykv::ErrorKind``)."""
+def _raise(code: int, context: str, name: str, *, loading: bool = False):
+    """Raise the lazykv error of the library's failure ``code`` (a ``lazykv::ErrorKind``)
+    while doing ``context`` to program ``name``."""
     lib = library()
     message = (lib.lkv_last_error() or b"").decode("utf-8", "replace")
     et = lib.lkv_last_et_error()
     if code in (3, 9) and et:  # ProgramRejected / ExecutionFailed with ExecuTorch's code
         raise errors.et_failure(et, context, loading=loading) from None
-    raise _ERRORS.get(code, errors.LazyKVError)(f"{context}: {message}") from None
+    if not message.startswith(name):  # the loader's own messages name the file already
+        message = f"{context}: {message}"
+    raise _ERRORS.get(code, errors.LazyKVError)(message) from None
 
 
 class _Native:
@@ -90,7 +93,7 @@ class RawProgram:
             code = lib.lkv_raw_program_load(os.fspath(source).encode(), None, 0, name.encode(),
                                             ctypes.byref(handle))
         if code:
-            _raise(code, f"{name}: loading the program", loading=True)
+            _raise(code, f"{name}: loading the program", name, loading=True)
         self._native = _Native(handle, data)
 
     def method(self, name: str) -> "RawMethod":
@@ -102,7 +105,7 @@ class RawProgram:
             code = library().lkv_raw_method_load(self._native.handle, name.encode(), ctypes.byref(handle),
                                                  ctypes.byref(n))
             if code:
-                _raise(code, f"{self.name}: loading method {name!r}", loading=True)
+                _raise(code, f"{self.name}: loading method {name!r}", self.name, loading=True)
             m = self._methods[name] = RawMethod(self._native, self.name, name, handle, n.value)
         return m
 
@@ -123,6 +126,7 @@ class RawMethod:
         self._views = [self._outs[i] for i in range(_MAX_OUTPUTS)]  # made once, read per call
         self._n_out = ctypes.c_int32()
         self._n_out_p = ctypes.pointer(self._n_out)
+        self._program_name = program_name
         self._context = f"{program_name}: running method {name!r}"
 
     def execute(self, inputs: Sequence) -> List:
@@ -171,7 +175,7 @@ class RawMethod:
     def _run(self, args) -> List:
         code = self._execute_c(self._handle, args, self.n_inputs, self._outs, _MAX_OUTPUTS, self._n_out_p)
         if code:
-            _raise(code, self._context)
+            _raise(code, self._context, self._program_name)
         n = self._n_out.value
         if n > _MAX_OUTPUTS:
             raise errors.ExecutionFailed(f"{self._context}: {n} outputs; lazykv reads at most {_MAX_OUTPUTS}")

@@ -68,6 +68,17 @@ int fail(lazykv::ErrorKind kind, const std::string& message) {
   return fail(lazykv::Status(kind, message));
 }
 
+/// The raw calls' failures: the message alone (the kind is the return code).
+int fail_raw(const lazykv::Status& s) {
+  g_error = s.message();
+  g_et_error = s.et_error();
+  return static_cast<int>(s.kind());
+}
+
+int fail_raw(lazykv::ErrorKind kind, const std::string& message) {
+  return fail_raw(lazykv::Status(kind, message));
+}
+
 }  // namespace
 
 extern "C" {
@@ -256,7 +267,7 @@ LKV_EXPORT int lkv_session_save(lkv_session* session, const char* path, int64_t*
 LKV_EXPORT int lkv_raw_program_load(const char* path, const void* data, int64_t size, const char* name,
                                     lkv_raw_program** out) {
   if (out == nullptr || (path == nullptr && (size < 0 || (data == nullptr && size != 0)))) {
-    return fail(lazykv::ErrorKind::InvalidInput, "bad arguments to lkv_raw_program_load");
+    return fail_raw(lazykv::ErrorKind::InvalidInput, "bad arguments to lkv_raw_program_load");
   }
   *out = nullptr;
   lazykv::LoadOptions options;
@@ -265,9 +276,9 @@ LKV_EXPORT int lkv_raw_program_load(const char* path, const void* data, int64_t 
   const std::string label = name ? name : (path ? path : "<bytes>");
   auto loaded = path ? lazykv::Program::load(path, options)
                      : lazykv::Program::load_bytes(data, static_cast<size_t>(size), label, options);
-  if (!loaded.ok()) return fail(loaded.status());
+  if (!loaded.ok()) return fail_raw(loaded.status());
   lkv_raw_program* handle = new (std::nothrow) lkv_raw_program();
-  if (handle == nullptr) return fail(lazykv::ErrorKind::AllocationFailed, "out of memory");
+  if (handle == nullptr) return fail_raw(lazykv::ErrorKind::AllocationFailed, "out of memory");
   handle->program = loaded.get();
   *out = handle;
   return 0;
@@ -277,7 +288,7 @@ LKV_EXPORT void lkv_raw_program_free(lkv_raw_program* program) { delete program;
 
 LKV_EXPORT int lkv_raw_method_load(lkv_raw_program* program, const char* name, lkv_raw_method** out, int32_t* n_inputs) {
   if (program == nullptr || name == nullptr || out == nullptr) {
-    return fail(lazykv::ErrorKind::InvalidInput, "null argument");
+    return fail_raw(lazykv::ErrorKind::InvalidInput, "null argument");
   }
   *out = nullptr;
   try {
@@ -285,7 +296,7 @@ LKV_EXPORT int lkv_raw_method_load(lkv_raw_program* program, const char* name, l
     auto it = program->methods.find(name);
     if (it == program->methods.end()) {
       auto m = program->program->raw_method(name);
-      if (!m.ok()) return fail(m.status());
+      if (!m.ok()) return fail_raw(m.status());
       std::unique_ptr<lkv_raw_method> rm(new lkv_raw_method());
       rm->method = m.get();
       const size_t n = rm->method->inputs_size();
@@ -304,7 +315,7 @@ LKV_EXPORT int lkv_raw_method_load(lkv_raw_program* program, const char* name, l
     if (n_inputs != nullptr) *n_inputs = static_cast<int32_t>(it->second->method->inputs_size());
     return 0;
   } catch (const std::bad_alloc&) {
-    return fail(lazykv::ErrorKind::AllocationFailed, "out of memory loading a method");
+    return fail_raw(lazykv::ErrorKind::AllocationFailed, "out of memory loading a method");
   }
 }
 
@@ -314,11 +325,11 @@ LKV_EXPORT int lkv_raw_execute(lkv_raw_method* method, const lkv_value* inputs, 
   using executorch::runtime::Error;
   if (method == nullptr || n < 0 || (n > 0 && inputs == nullptr) || max_outputs < 0 ||
       (max_outputs > 0 && outputs == nullptr)) {
-    return fail(lazykv::ErrorKind::InvalidInput, "bad arguments to lkv_raw_execute");
+    return fail_raw(lazykv::ErrorKind::InvalidInput, "bad arguments to lkv_raw_execute");
   }
   executorch::runtime::Method& m = *method->method;
   if (static_cast<size_t>(n) != m.inputs_size()) {
-    return fail(lazykv::ErrorKind::InvalidInput, "the method takes " + std::to_string(m.inputs_size()) +
+    return fail_raw(lazykv::ErrorKind::InvalidInput, "the method takes " + std::to_string(m.inputs_size()) +
                                                      " inputs, got " + std::to_string(n));
   }
   for (int32_t i = 0; i < n; ++i) {
@@ -326,7 +337,7 @@ LKV_EXPORT int lkv_raw_execute(lkv_raw_method* method, const lkv_value* inputs, 
     lkv_raw_method::Bound& b = method->bound[static_cast<size_t>(i)];
     Error err = Error::Ok;
     if (v.kind == LKV_VALUE_TENSOR) {
-      if (v.dim < 0 || v.dim > LKV_MAX_DIMS) return fail(lazykv::ErrorKind::InvalidInput, "a tensor with a bad dim");
+      if (v.dim < 0 || v.dim > LKV_MAX_DIMS) return fail_raw(lazykv::ErrorKind::InvalidInput, "a tensor with a bad dim");
       const bool aliased = method->aliased[static_cast<size_t>(i)] != 0;
       if (aliased && b.valid && b.data == v.data && b.scalar_type == v.scalar_type && b.dim == v.dim &&
           std::memcmp(b.sizes, v.sizes, sizeof(int64_t) * static_cast<size_t>(v.dim)) == 0) {
@@ -362,13 +373,13 @@ LKV_EXPORT int lkv_raw_execute(lkv_raw_method* method, const lkv_value* inputs, 
     } else if (v.kind == LKV_VALUE_NONE) {
       err = m.set_input(EValue(), static_cast<size_t>(i));
     } else {
-      return fail(lazykv::ErrorKind::InvalidInput, "input " + std::to_string(i) + " has an unknown kind");
+      return fail_raw(lazykv::ErrorKind::InvalidInput, "input " + std::to_string(i) + " has an unknown kind");
     }
     if (err != Error::Ok) {
       b.valid = false;
       char code[8];
       std::snprintf(code, sizeof(code), "%02x", static_cast<int>(err));
-      return fail(lazykv::Status(lazykv::ErrorKind::InvalidInput,
+      return fail_raw(lazykv::Status(lazykv::ErrorKind::InvalidInput,
                                  "ExecuTorch refused input " + std::to_string(i) + ", error 0x" + code,
                                  static_cast<int>(err)));
     }
@@ -377,7 +388,7 @@ LKV_EXPORT int lkv_raw_execute(lkv_raw_method* method, const lkv_value* inputs, 
   if (err != Error::Ok) {
     char code[8];
     std::snprintf(code, sizeof(code), "%02x", static_cast<int>(err));
-    return fail(lazykv::Status(lazykv::ErrorKind::ExecutionFailed,
+    return fail_raw(lazykv::Status(lazykv::ErrorKind::ExecutionFailed,
                                std::string("the ExecuTorch runtime failed while running it, error 0x") + code,
                                static_cast<int>(err)));
   }
@@ -391,7 +402,7 @@ LKV_EXPORT int lkv_raw_execute(lkv_raw_method* method, const lkv_value* inputs, 
     d.dim = 0;
     if (o.isTensor()) {
       const auto& t = o.toTensor();
-      if (t.dim() > LKV_MAX_DIMS) return fail(lazykv::ErrorKind::ExecutionFailed, "an output has too many dims");
+      if (t.dim() > LKV_MAX_DIMS) return fail_raw(lazykv::ErrorKind::ExecutionFailed, "an output has too many dims");
       d.kind = LKV_VALUE_TENSOR;
       d.data = t.mutable_data_ptr();
       d.scalar_type = static_cast<int32_t>(t.scalar_type());

@@ -74,7 +74,9 @@ int lkv_session_save(lkv_session* session, const char* path, int64_t* bytes_writ
  * exists; the caller passes every input of a method (its own inputs, then its KV
  * tensors) and checks them first (a tensor of the right element count and a wrong
  * shape aborts inside ExecuTorch). No method loads here, and XNNPACK's weight cache is
- * the process-wide option (`set_option`), as for ExecuTorch's own Python runtime. */
+ * the process-wide option (`set_option`), as for ExecuTorch's own Python runtime.
+ * After a raw call fails, lkv_last_error() holds the message alone (the return code is
+ * its kind). */
 typedef struct lkv_raw_program lkv_raw_program;
 typedef struct lkv_raw_method lkv_raw_method;
 
