@@ -14,7 +14,9 @@ shared libraries' code: the kernels' pages mapped as they first run, plus whatev
 neighbouring pages of those files the page cache holds (the kernel maps them along with
 each fault). Since loading a program stopped importing ExecuTorch's export stack (no
 torchao, no exir passes) it is 8-12 MiB for the tiny Llama (before: 14-24 MiB, most of
-the difference the export stack's own libraries). The constant is 12 MiB; XNNPACK's
+the difference the export stack's own libraries), but ~25 MiB right after the libraries
+were installed, while the page cache still holds all of their pages (the kernel then maps
+more neighbours per fault). The constant is 12 MiB, an app installed a while ago; XNNPACK's
 workspace is under 2 MiB of it. So the estimate is good to a few MiB whatever the
 program: about 5-10 % of the tiny Llama's ~33-37 MiB, 1 % of stories110m's ~600 MiB.
 

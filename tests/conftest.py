@@ -25,6 +25,8 @@ EXAMPLE_CONTEXT = 512
 SLOW_FIXTURES = frozenset({
     "llama_tiny_static", "llama_tiny_lazy", "checkpoint", "lazy_llama", "fuzz_run",
     "example_lazy_2048", "example_mm_lazy", "example_mm_static", "measurements", "toys",
+    # export_llm configurations (tests/test_export_llm_configs.py): an export_llm run each
+    "work",
 })
 
 

@@ -135,6 +135,7 @@ def test_inspect_prints_arenas_as_figures(example_lazy):
     assert "['" not in line and line.endswith(f"per arena: {info['arena_bytes'][0]:,} B")
 
 
+@pytest.mark.slow  # a subprocess or an export of its own
 def test_demo_numbers_each_step_once(tmp_path):
     from click.testing import CliRunner
 

@@ -131,6 +131,7 @@ def test_export_refuses_a_chunk_longer_than_the_context_at_once(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow  # a subprocess or an export of its own
 def test_export_example_script_applies_the_same_rule(tmp_path):
     script = ROOT / "examples" / "export_example.py"
     r = subprocess.run([sys.executable, str(script), "--max-context", "32", "--max-seq-len", "64",
@@ -143,6 +144,7 @@ def test_export_example_script_applies_the_same_rule(tmp_path):
 # -- export_with_passes.py (item 9) --------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess or an export of its own
 def test_export_with_passes_refuses_default_attention_cleanly(tmp_path):
     """--no-sdpa-with-kv-cache: lazykv's refusal (the cache is not a growing prefix), exit code 1,
     no traceback, and no random checkpoint left in the temporary folder."""

@@ -173,6 +173,7 @@ RUN_CASES = [
 ]
 
 
+@pytest.mark.slow  # a subprocess or an export of its own
 @pytest.mark.parametrize("fixture,policy,sessions,shared", RUN_CASES,
                          ids=["lazy-2-sessions", "shared-prefix", "static", "prefill-decode"])
 def test_lazykv_run_prints_python_generate_json(built, request, fixture, policy, sessions, shared):

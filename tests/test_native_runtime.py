@@ -206,6 +206,7 @@ def test_native_fork_continues_a_prefill_decode_program(example_mm_lazy):
     assert all(torch.equal(x, y) for x, y in zip(from_source, from_fork))
 
 
+@pytest.mark.slow  # a subprocess or an export of its own
 @pytest.mark.parametrize("fixture", ["llama_tiny_lazy", "llama_tiny_static", "example_mm_lazy",
                                      "example_mm_static"])
 def test_native_kv_figures_equal_inspect(request, fixture):

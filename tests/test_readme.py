@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -19,6 +21,7 @@ def _first_python_block(text: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.slow  # a subprocess or an export of its own
 def test_first_python_block_runs_as_pasted(tmp_path):
     """Extracted and run in a fresh interpreter, in an empty folder: exit 0, tokens printed,
     the KV cache grew with the positions (not the whole bound)."""

@@ -204,6 +204,7 @@ def test_no_compiler_warns_once_and_runs_with_cache_off(tiny_pte, tmp_path):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.so"))
 
 
+@pytest.mark.slow  # a subprocess or an export of its own
 def test_wheel_ships_helper_and_its_source(tmp_path):
     """A regular (non-editable) wheel carries the compiled helper and the fallback's source."""
     import shutil
