@@ -25,6 +25,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -293,6 +294,30 @@ int model(const std::string& lazy_pte, const std::string& static_pte) {
     auto s = static_prog.get()->session();
     check(s.ok(), "static program: session");
     if (s.ok()) check_err(s.get()->fork(), lazykv::ErrorKind::InvalidProgram, "static program: fork refused");
+  }
+  // A program held in memory (Program::load_bytes, what Python's bytes sources use):
+  // segments read in place, the same logits and digest as the file; the raw method.
+  {
+    std::ifstream in(lazy_pte, std::ios::binary);
+    const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    auto mem = lazykv::Program::load_bytes(bytes.data(), bytes.size(), "<bytes>");
+    check(mem.ok(), "load_bytes", mem.ok() ? "" : mem.status().to_string());
+    if (mem.ok()) {
+      auto file = lazykv::Program::load(lazy_pte);
+      auto dm = mem.get()->digest();
+      check(file.ok() && dm.ok() && file.get()->digest().ok() && dm.get() == file.get()->digest().get(),
+            "load_bytes: the digest of the bytes is the file's");
+      auto s = mem.get()->session();
+      auto r = s.get()->run("forward", make(prompt, 0).evalues());
+      check(r.ok() && max_diff(last_logits(r.get()[0]), ref[0]) == 0.0f, "load_bytes: the prompt's logits are the static program's");
+      auto m = mem.get()->raw_method("forward");
+      check(m.ok() && m.get() != nullptr, "raw_method");
+      check_err(mem.get()->raw_method("nope"), lazykv::ErrorKind::UnknownMethod, "raw_method: unknown method");
+      auto again = s.get()->run("forward", make({ref_tokens[0]}, 16).evalues());  // rebinds its storage
+      check(again.ok() && max_diff(last_logits(again.get()[0]), ref[1]) == 0.0f, "a session after raw_method");
+    }
+    auto half = lazykv::Program::load_bytes(bytes.data(), bytes.size() / 2, "<half>");
+    check_err(half, lazykv::ErrorKind::InvalidProgram, "load_bytes refuses a truncated buffer");
   }
   // Budget and bound.
   lazykv::LoadOptions opt;
