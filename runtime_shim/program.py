@@ -79,14 +79,14 @@ class LazyProgram:
         self.lazy: bool = prepared.lazy
         self.buffers: Tuple[LazyBuffer, ...] = self.manifest.lazy_buffers if self.lazy else ()
         self._dtypes: Dict[str, torch.dtype] = {b.fqn: getattr(torch, b.dtype) for b in self.buffers}
-        # Verified above: only now do the bytes reach C++ (read and rebound in memory).
-        self._engine = RawProgram(loaded.source, self.source)
         if self.lazy and self.max_bytes is not None and self.max_bytes < self.bytes_per_position:
             raise InvalidInput(
                 f"max_bytes={self.max_bytes:,} cannot hold one position of KV storage "
                 f"({self.bytes_per_position:,} bytes each in {self.source}); raise it to at "
                 f"least {self.bytes_per_position:,} or leave it unset"
             )
+        # Verified above: only now do the bytes reach C++ (read and rebound in memory).
+        self._engine = RawProgram(loaded.source, self.source)
         self._loaded: Dict[str, Any] = {}
         # One lock per program: loading a method and every execute (the runtime's
         # planned arenas are shared by all methods of a program, DESIGN fact 6).

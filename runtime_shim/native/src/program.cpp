@@ -27,37 +27,20 @@ namespace detail {
 void* HeapAllocator::allocate(size_t size, size_t alignment) {
   if (alignment == 0 || (alignment & (alignment - 1)) != 0) return nullptr;
   if (size > SIZE_MAX - alignment) return nullptr;
-  const size_t total = size + alignment;
-  Block block{nullptr, total >= kMapBytes ? total : 0};
-  if (block.mapped) {
-    // Large blocks (a kernel's scratch) straight from the kernel and back on reset: through
-    // malloc they would raise glibc's mmap threshold and stay in the heap after reset.
-    void* p = ::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    block.base = p == MAP_FAILED ? nullptr : p;
-  } else {
-    block.base = std::malloc(total);
-  }
-  if (block.base == nullptr) return nullptr;
+  void* block = std::malloc(size + alignment);
+  if (block == nullptr) return nullptr;
   try {
     blocks_.push_back(block);
   } catch (...) {
-    release(block);
+    std::free(block);
     return nullptr;
   }
-  const uintptr_t p = reinterpret_cast<uintptr_t>(block.base);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(block);
   return reinterpret_cast<void*>((p + alignment - 1) & ~(uintptr_t(alignment) - 1));
 }
 
-void HeapAllocator::release(const Block& b) {
-  if (b.mapped) {
-    ::munmap(b.base, b.mapped);
-  } else {
-    std::free(b.base);
-  }
-}
-
 void HeapAllocator::reset() {
-  for (const Block& b : blocks_) release(b);
+  for (void* b : blocks_) std::free(b);
   blocks_.clear();
 }
 

@@ -25,7 +25,7 @@ namespace detail {
 
 /// malloc-backed MemoryAllocator that honours any power-of-two alignment (ExecuTorch's
 /// MallocMemoryAllocator rounds the size, not the block, so an aligned pointer can run
-/// past its block) and frees everything on reset(); large blocks are mapped directly.
+/// past its block) and frees everything on reset().
 class HeapAllocator final : public executorch::runtime::MemoryAllocator {
  public:
   HeapAllocator() : MemoryAllocator(0, nullptr) {}
@@ -34,14 +34,7 @@ class HeapAllocator final : public executorch::runtime::MemoryAllocator {
   void reset() override;
 
  private:
-  /// Blocks of at least this many bytes are their own anonymous mapping.
-  static constexpr size_t kMapBytes = 64 * 1024;
-  struct Block {
-    void* base;
-    size_t mapped;  // bytes mapped, 0 for a malloc'd block
-  };
-  static void release(const Block& b);
-  std::vector<Block> blocks_;
+  std::vector<void*> blocks_;
 };
 
 /// One loaded method and the memory it runs in.
