@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from lazykv import errors
+from lazykv.format.scalar_type import SCALAR_TYPES
 from lazykv.runtime_shim.policy import GrowthPolicy, parse_policy
 
 #: Built by setup.py next to the native build recipe (runtime_shim/native/build.py).
@@ -52,11 +53,11 @@ _ERRORS = {
     13: errors.LazyKVError,
 }
 
-# executorch ScalarType codes <-> torch dtypes.
-_CODES = {
-    torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4,
-    torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.bool: 11, torch.bfloat16: 15,
-}
+# executorch ScalarType codes <-> torch dtypes: lazykv.format.scalar_type's table, for the
+# plain (not quantized, not bit-packed) dtypes this torch has: the C ABI hands their
+# tensors across as raw memory.
+_CODES = {getattr(torch, t.dtype): t.code for t in SCALAR_TYPES
+          if not t.dtype.startswith(("q", "bits")) and isinstance(getattr(torch, t.dtype, None), torch.dtype)}
 _DTYPES = {v: k for k, v in _CODES.items()}
 
 
