@@ -827,19 +827,19 @@ def case_native(ctx: Ctx) -> List[Result]:
             for name, art, how in variants:
                 got[name].append(_bench("load", art.path, how))
         med = {n: {k: MED(r[k] for r in v) for k in v[0]} for n, v in got.items()}
-        s, lz = med["stock static 2048"], med["lazykv lazy 2048"]
+        s, lzm = med["stock static 2048"], med["lazykv lazy 2048"]  # lz stays the program
         for n, m in med.items():
             rows.append(row(C, f"stories110m load, {n} (C++): seconds / RSS growth / peak growth",
                             round(m["load_seconds"], 3), "s",
                             note=f"RSS +{_mib(m['rss_growth_bytes']):.0f} MiB, peak +{_mib(m['peak_growth_bytes']):.0f} "
                                  f"MiB, KV {m['kv_bytes']:,} B, rebound region {m['region_bytes']:,} B; median of {reps}"))
         rows += [
-            row(C, "stories110m 2048 load time, lazykv (C++) / ExecuTorch Module", lz["load_seconds"] / s["load_seconds"], "x",
+            row(C, "stories110m 2048 load time, lazykv (C++) / ExecuTorch Module", lzm["load_seconds"] / s["load_seconds"], "x",
                 "<=", 1.2, note=f"1-min load average {load1:.1f} at the start"),
             row(C, "stories110m 2048 RSS growth after load, lazykv (C++) / Module",
-                lz["rss_growth_bytes"] / s["rss_growth_bytes"], "x", "<", 1),
+                lzm["rss_growth_bytes"] / s["rss_growth_bytes"], "x", "<", 1),
             row(C, "stories110m 2048 peak RSS during load, lazykv (C++) / Module",
-                lz["peak_growth_bytes"] / s["peak_growth_bytes"], "x", "<", 1),
+                lzm["peak_growth_bytes"] / s["peak_growth_bytes"], "x", "<", 1),
         ]
         if lz32.exists:
             rows.append(row(C, "RSS growth, lazy 32768 (lazykv C++) / static 2048 (ExecuTorch Module)",
